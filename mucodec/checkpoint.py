@@ -198,11 +198,12 @@ def fold_weight_norm(state: dict) -> dict:
     """
     out = dict(state)
     for k in state:
-        if k.endswith(".weight_g"):
-            base, vk = k[: -len(".weight_g")], k[:-1] + "v"
-        elif k.endswith(".parametrizations.weight.original0"):
-            base = k[: -len(".parametrizations.weight.original0")]
-            vk = base + ".parametrizations.weight.original1"
+        dotted = "." + k  # top-level modules have no leading dot
+        if dotted.endswith(".weight_g"):
+            base, vk = k[: -len("weight_g")], k[:-1] + "v"
+        elif dotted.endswith(".parametrizations.weight.original0"):
+            base = k[: -len("parametrizations.weight.original0")]
+            vk = base + "parametrizations.weight.original1"
         else:
             continue
         if vk not in state:
@@ -210,7 +211,7 @@ def fold_weight_norm(state: dict) -> dict:
         g, v = out.pop(k), out.pop(vk)
         # g keeps size 1 on every dim but the one the norm is taken per (dim 0 for the RVQ convs).
         dim = next((i for i, s in enumerate(g.shape) if s != 1), 0)
-        out[base + ".weight"] = torch._weight_norm(v.float(), g.float(), dim)
+        out[base + "weight"] = torch._weight_norm(v.float(), g.float(), dim)
     return out
 
 

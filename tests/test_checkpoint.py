@@ -1,0 +1,149 @@
+"""Checkpoint reading: never executes code, maps the documented naming variants, clear errors."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from mucodec.checkpoint import (
+    fold_weight_norm,
+    load_module,
+    read_checkpoint,
+    resolve_files,
+    state_dict_of,
+    subdict,
+)
+from mucodec.errors import CheckpointError
+
+MARKER_ENV = "MUCODEC_PWNED_MARKER"
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_reduce_payload_is_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"model.w": torch.ones(2)}, "extra_state": _Payload(marker)}, path)
+    obj = read_checkpoint(path)
+    assert not marker.exists(), "loading executed code from the checkpoint"
+    assert torch.equal(state_dict_of(obj)["model.w"], torch.ones(2))
+    assert "system" in repr(obj["extra_state"])  # an inert placeholder stands in for the call
+
+
+def test_malicious_payload_in_legacy_format_is_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil_legacy.pt"
+    torch.save({"w": torch.ones(3), "x": _Payload(marker)}, path, _use_new_zipfile_serialization=False)
+    obj = read_checkpoint(path)
+    assert not marker.exists()
+    assert torch.equal(obj["w"], torch.ones(3))
+
+
+def test_plain_pickle_with_payload_fails_cleanly_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "raw.pkl"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_missing_file_names_the_file_and_where_to_get_it(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(tmp_path / "nope.pt")
+    assert "nope.pt" in str(e.value) and "huggingface.co/MuCodec/mucodec" in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04broken zip"])
+def test_damaged_file_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "mucodec.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    assert str(path) in str(e.value) and "download it again" in str(e.value)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "mucodec.pt"
+    torch.save({"w": torch.randn(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
+
+
+def test_missing_folder_lists_all_three_files(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        resolve_files(tmp_path)
+    msg = str(e.value)
+    for rel in ("tools/audioldm_48k.pth", "muq_dev/muq.pt", "ckpt/mucodec.pt"):
+        assert rel in msg
+    assert "huggingface.co/MuCodec/mucodec" in msg
+
+
+def test_hub_offline_without_cache_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(CheckpointError) as e:
+        resolve_files("MuCodec/mucodec")
+    assert "muq_dev/muq.pt" in str(e.value) and "huggingface.co/MuCodec/mucodec" in str(e.value)
+
+
+def test_both_weight_norm_namings_give_the_weight_torch_computes():
+    conv = torch.nn.utils.weight_norm(torch.nn.Conv1d(8, 4, 1))
+    old = {k: v.detach().clone() for k, v in conv.state_dict().items()}
+    expected = conv.weight.detach().clone()  # what the official forward uses
+    folded = fold_weight_norm(old)
+    assert set(folded) == {"weight", "bias"} and torch.equal(folded["weight"], expected)
+
+    named = {"q.weight_g": old["weight_g"], "q.weight_v": old["weight_v"], "q.bias": old["bias"]}
+    folded = fold_weight_norm(named)
+    assert set(folded) == {"q.weight", "q.bias"}
+    assert torch.equal(folded["q.weight"], expected)
+
+    new = {"q.parametrizations.weight.original0": old["weight_g"],
+           "q.parametrizations.weight.original1": old["weight_v"], "q.bias": old["bias"]}
+    assert torch.equal(fold_weight_norm(new)["q.weight"], expected)
+
+
+def test_weight_norm_over_last_dim_is_folded_per_that_dim():
+    conv = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(4, 6, 5, groups=2), dim=2)
+    sd = {k: v.detach() for k, v in conv.state_dict().items()}
+    assert torch.allclose(fold_weight_norm(sd)["weight"], conv.weight.detach(), rtol=0, atol=1e-7)
+
+
+def test_prefix_mapping_and_wrapped_dicts():
+    t = torch.zeros(1)
+    assert state_dict_of({"state_dict": {"a": t}, "x": 1}) == {"a": t}
+    assert state_dict_of({"model": {"model.a": t}, "cfg": {}}) == {"model.a": t}
+    assert state_dict_of({"a": t, "step": 3}) == {"a": t}
+    assert subdict({"first_stage_model.x.w": t, "other": t}, "first_stage_model.") == {"x.w": t}
+    assert subdict({"cfm_wrapper.estimator.p": t}, "cfm_wrapper.estimator.", "estimator.") == {"estimator.p": t}
+
+
+def test_missing_and_misshaped_tensors_name_file_key_and_shape():
+    m = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointError) as e:
+        load_module(m, {"weight": torch.zeros(2, 3)}, "ckpt/mucodec.pt", "cond_muencoder_emb.")
+    assert "ckpt/mucodec.pt" in str(e.value) and "cond_muencoder_emb.bias" in str(e.value) and "(2,)" in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        load_module(m, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "ckpt/mucodec.pt", "c.")
+    assert "c.weight" in str(e.value) and "(3, 3)" in str(e.value) and "(2, 3)" in str(e.value)
+
+
+def test_extra_tensors_are_ignored():
+    m = torch.nn.Linear(3, 2)
+    state = {"weight": torch.ones(2, 3), "bias": torch.ones(2), "head.weight": torch.ones(9)}
+    load_module(m, state, "x.pt")
+    assert torch.equal(m.weight.detach(), torch.ones(2, 3))
