@@ -85,3 +85,18 @@ def full_codec(official_ckpt_dir):
     from mucodec.codec import MuCodec
 
     return MuCodec.from_pretrained(official_ckpt_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_dir(tmp_path_factory) -> Path:
+    """Tiny checkpoints in the official layout (same code and time structure, tiny widths)."""
+    from tiny import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tiny_ckpt_dir):
+    from mucodec.codec import MuCodec
+
+    return MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu")
