@@ -73,6 +73,15 @@ class CodecConfig:
     def overlap_latents(self) -> int:
         return self.overlap_codes // self.codes_per_latent
 
+    def padded_codes(self, n: int) -> int:
+        """Codes a decode of ``n`` codes runs on: >= one window, then whole hops after the overlap.
+
+        The official test ``(n - 128) % 768`` mixes latent frames with codes and leaves a short or
+        missing last window for e.g. n = 1664; this uses the overlap in codes, so every code is decoded.
+        """
+        n = max(n, self.window_codes)
+        return math.ceil((n - self.overlap_codes) / self.hop_codes) * self.hop_codes + self.overlap_codes
+
 
 def _config(cls, d: dict | None):
     """Build a (possibly nested) config dataclass from a plain dict, ignoring unknown keys."""
@@ -271,16 +280,6 @@ class MuCodec:
         if self.flow is None:
             raise CheckpointError("this MuCodec was loaded with encoder_only=True: load it again without it to decode.")
 
-    def padded_codes_length(self, n: int) -> int:
-        """Codes a decode of ``n`` codes runs on: >= one window, then whole hops after the overlap.
-
-        The official test ``(n - 128) % 768`` mixes latent frames with codes and leaves a short or missing
-        last window for e.g. n = 1664; this uses the overlap in codes, so every code gets decoded.
-        """
-        c = self.config
-        n = max(n, c.window_codes)
-        return math.ceil((n - c.overlap_codes) / c.hop_codes) * c.hop_codes + c.overlap_codes
-
     @torch.inference_mode()
     def code2sound(self, codes, num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
                    generator: torch.Generator | None = None, noise=None, prompt_sample_rate: int | None = None
@@ -319,7 +318,8 @@ class MuCodec:
         n = codes.shape[-1]
         # the official expression (1920 samples per code), kept in float arithmetic
         target_len = int((n - prompt_codes) / (4 * c.frame_rate) * 4 * c.sample_rate)
-        codes = _repeat_to(codes, self.padded_codes_length(n))[..., : self.padded_codes_length(n)]
+        padded = c.padded_codes(n)
+        codes = _repeat_to(codes, padded)[..., :padded]
         starts = list(range(0, codes.shape[-1] - c.hop_codes, c.hop_codes))
         if noise is not None and len(noise) < len(starts):
             raise ValueError(f"noise holds {len(noise)} tensors but this decode runs {len(starts)} windows.")

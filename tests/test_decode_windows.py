@@ -1,0 +1,139 @@
+"""code2sound's window schedule, on a tiny model of the same code.
+
+Expectations derived by hand from SPEC.md "Decoding" step 2 and 6: windows of 1024 codes (512 latent
+frames) every 768 codes; short inputs repeated to 1024 codes, longer ones repeated until
+``(len - 256) % 768 == 0`` (the official test uses 128 there: the defect we fix); window k > 0 takes the
+last 128 latent frames of window k-1 as in-context prefix; waveforms crossfade linearly over 10.24 s
+and the output is cut to ``len(codes) / 25`` seconds.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+SPC = 1920  # samples per code at 48 kHz / 25 Hz
+WINDOW, HOP, OVERLAP = 1024, 768, 256
+
+
+def padded_len(n):
+    n = max(n, WINDOW)
+    return math.ceil((n - OVERLAP) / HOP) * HOP + OVERLAP
+
+
+def repeat_codes(codes, n):
+    while codes.shape[-1] < n:
+        codes = torch.cat([codes, codes], -1)
+    return codes[..., :n]
+
+
+@pytest.fixture
+def recorder(tiny_codec, monkeypatch):
+    """Record what each window receives; replace the (slow) VAE + vocoder by a constant per window."""
+    rec = {"codes": [], "sample": [], "wave_calls": 0}
+    from_codes, sample = tiny_codec.quantizer.from_codes, tiny_codec.flow.sample
+
+    def spy_from_codes(codes):
+        rec["codes"].append(codes.clone())
+        return from_codes(codes)
+
+    def spy_sample(z_q, true_latents, latent_length, incontext_length, noise, *a, **k):
+        out = sample(z_q, true_latents, latent_length, incontext_length, noise, *a, **k)
+        rec["sample"].append((true_latents.clone(), latent_length, incontext_length, out.clone()))
+        return out
+
+    def fake_wave(latents):
+        rec["wave_calls"] += 1
+        return torch.full((2, latents.shape[2] * 8 * 480), float(rec["wave_calls"]))
+
+    monkeypatch.setattr(tiny_codec.quantizer, "from_codes", spy_from_codes)
+    monkeypatch.setattr(tiny_codec.flow, "sample", spy_sample)
+    monkeypatch.setattr(tiny_codec, "latents_to_wave", fake_wave)
+    return rec
+
+
+@pytest.mark.parametrize("n,windows", [(1, 1), (100, 1), (1024, 1), (1025, 2), (1664, 2), (2432, 3), (5000, 7)])
+def test_window_schedule(tiny_codec, recorder, n, windows):
+    codes = torch.randint(0, 16384, (1, 1, n), generator=torch.Generator().manual_seed(n))
+    wav = tiny_codec.code2sound(codes, num_steps=1, generator=torch.Generator().manual_seed(0))
+
+    # exact output length: 1920 samples per code
+    assert wav.shape == (2, n * SPC) and wav.dtype == torch.float32
+    # window count and the codes each window decodes (every code of the input is decoded)
+    assert (padded_len(n) - OVERLAP) // HOP == windows == len(recorder["codes"]) == len(recorder["sample"])
+    padded = repeat_codes(codes, padded_len(n))
+    for k, got in enumerate(recorder["codes"]):
+        assert torch.equal(got.cpu(), padded[..., k * HOP:k * HOP + WINDOW]), f"window {k}"
+    assert (windows - 1) * HOP + WINDOW >= n
+
+    # in-context hand-over: the last 128 latent frames of window k-1 start window k
+    for k, (true_latents, latent_length, incontext, _) in enumerate(recorder["sample"]):
+        assert true_latents.shape == (1, 32, 512, 32) and latent_length == 512
+        if k == 0:
+            assert incontext == 0
+        else:
+            assert incontext == 128
+            prev_out = recorder["sample"][k - 1][3]
+            assert torch.equal(true_latents[:, :, :128], prev_out[:, :, -128:])
+
+    # crossfades: window k is the constant k+1 here, so each overlap is a linear ramp between k and k+1
+    ov = OVERLAP * SPC
+    ramp = np.linspace(0, 1, ov)
+    for k in range(1, windows):
+        start = k * HOP * SPC
+        if start >= n * SPC:
+            break
+        expected = torch.from_numpy((k * (1 - ramp) + (k + 1) * ramp).astype(np.float32))
+        seg = wav[0, start:start + ov]
+        assert torch.equal(seg, expected[: seg.shape[0]]), f"crossfade {k}"
+        if start + ov < n * SPC:
+            assert float(wav[0, start + ov]) == k + 1
+
+
+def test_official_defect_lengths_are_padded():
+    """(len - 128) % 768 == 0 left the official last window short; those lengths now get whole windows."""
+    from mucodec.codec import CodecConfig
+
+    cfg = CodecConfig()
+    for n in (1664, 2432, 3200):
+        assert (n - 128) % 768 == 0
+        p = cfg.padded_codes(n)
+        assert (p - 256) % 768 == 0 and n <= p < n + 768
+    assert cfg.padded_codes(1792) == 1792 and cfg.padded_codes(1025) == 1792 and cfg.padded_codes(1) == 1024
+
+
+def test_noise_injection_and_generator_reproducibility(tiny_codec, recorder):
+    codes = torch.randint(0, 16384, (1, 1, 1025), generator=torch.Generator().manual_seed(5))
+    a = tiny_codec.code2sound(codes, num_steps=1, generator=torch.Generator().manual_seed(1))
+    lat_a = [s[3] for s in recorder["sample"]]
+    recorder["sample"].clear()
+    tiny_codec.code2sound(codes, num_steps=1, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, s[3]) for x, s in zip(lat_a, recorder["sample"]))
+    recorder["sample"].clear()
+    noise = [torch.zeros(1, 32, 512, 32), torch.ones(1, 32, 512, 32)]
+    tiny_codec.code2sound(codes, num_steps=1, noise=noise)
+    first = recorder["sample"][0]
+    assert not torch.equal(first[3], lat_a[0])  # the injected noise, not the generator's, was used
+    with pytest.raises(ValueError):
+        tiny_codec.code2sound(codes, num_steps=1, noise=noise[:1])
+    assert a.shape == (2, 1025 * SPC)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([[[16384]]]), torch.tensor([[[-1]]]), torch.zeros(1, 1, 0, dtype=torch.long),
+                                 torch.zeros(1, 1, 4), torch.zeros(2, 1, 4, dtype=torch.long)])
+def test_bad_codes_are_clear_errors(tiny_codec, bad):
+    from mucodec.errors import TokenFileError
+
+    with pytest.raises(TokenFileError):
+        tiny_codec.code2sound(bad, num_steps=1)
+
+
+@pytest.mark.slow
+def test_real_decode_of_two_windows(tiny_codec):
+    """The real tiny VAE + vocoder: exact length, finite output, reproducible with a seed."""
+    codes = torch.randint(0, 16384, (1, 1, 1025), generator=torch.Generator().manual_seed(7))
+    a = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3))
+    b = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (2, 1025 * SPC) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert float(a.abs().max()) > 0
