@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from .checkpoint import (
     state_dict_of,
     subdict,
 )
-from .errors import AudioError, CheckpointError, TokenFileError
+from .errors import CheckpointError, TokenFileError
 from .flow import FlowDecoder, FlowDecoderConfig
 from .muq import MuQConfig, MuQEncoder
 from .quantizer import Quantizer, QuantizerConfig

@@ -1,0 +1,268 @@
+"""The flow decoder's velocity network: a PixArt-alpha style diffusion transformer (DiT).
+
+Mirrors the official ``Transformer2DModel`` (``models/transformer_2d_flow.py``, config
+``transformer2D.json``) on its only used path: patch input, ``ada_norm_single`` blocks without
+cross-attention, no resolution/aspect-ratio conditioning (``sample_size != 128``).
+State-dict names equal the checkpoint names minus ``cfm_wrapper.estimator.``.
+
+Shapes: ``x`` (B, in_channels, F, W) with F frames and W frequency bins; the patch grid is
+(H, Wp) = (F / patch, W / patch) and tokens are ordered row-major (time-major), N = H * Wp.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 96            # [x_t, in-context prefix, condition] x 32 latent channels
+    out_channels: int = 32
+    patch_size: int = 2
+    num_heads: int = 22
+    head_dim: int = 72
+    num_layers: int = 24
+    ff_mult: int = 4                 # feed-forward inner size = ff_mult * hidden_size
+    sample_size: int = 384           # training grid; only sets the positional-embedding scaling
+    interpolation_unit: int = 64     # diffusers: interpolation_scale = max(sample_size // 64, 1)
+    norm_eps: float = 1e-6
+    flow_t_size: int = 512           # width of the timestep sinusoid (cos half, then sin half)
+    timestep_scale: float = 1000.0   # flow time t in [0, 1] is embedded as t * 1000
+    max_period: float = 10000.0      # of both sinusoids (timestep and 2-D positions)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def base_size(self) -> int:
+        """Grid side the positions are normalised to (diffusers PatchEmbed: height // patch)."""
+        return self.sample_size // self.patch_size
+
+    @property
+    def interpolation_scale(self) -> int:
+        return max(self.sample_size // self.interpolation_unit, 1)
+
+
+def sincos_pos_embed_2d(dim: int, height: int, width: int, base_size: int, interpolation_scale: float,
+                        max_period: float = 10000.0) -> torch.Tensor:
+    """diffusers 0.27.2 ``get_2d_sincos_pos_embed`` for a (height, width) grid -> (height*width, dim).
+
+    Grid coordinates are float32 (numpy, as upstream), the sinusoids float64, the result float32.
+    Upstream's meshgrid puts the *width* coordinate first, so dims [0, dim/2) encode the
+    frequency axis and [dim/2, dim) the time axis; each half is [sin, cos].
+    """
+    if dim % 4:
+        raise ValueError(f"positional embedding width {dim} must be a multiple of 4")
+    grid_h = np.arange(height, dtype=np.float32) / (height / base_size) / interpolation_scale
+    grid_w = np.arange(width, dtype=np.float32) / (width / base_size) / interpolation_scale
+    w_coord, h_coord = np.meshgrid(grid_w, grid_h)          # each (height, width)
+    quarter = dim // 4
+    omega = 1.0 / max_period ** (np.arange(quarter, dtype=np.float64) / quarter)
+
+    def sincos(pos):
+        angles = np.outer(pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    emb = np.concatenate([sincos(w_coord), sincos(h_coord)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify + fixed 2-D sin-cos positions: (B, C, F, W) -> (B, N, D)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=p, stride=p)
+        # The checkpoint's 192x192 table is never used (windows are 256x16 patches): positions are
+        # recomputed per grid, as upstream does, and cached here (not part of the state dict).
+        self._pos_cache: dict = {}
+
+    def positions(self, height: int, width: int, device=None) -> torch.Tensor:
+        """(height*width, D) positional embedding of a patch grid (float32, cached)."""
+        key = (height, width, str(device))
+        if key not in self._pos_cache:
+            c = self.cfg
+            pe = sincos_pos_embed_2d(c.hidden_size, height, width, c.base_size, c.interpolation_scale,
+                                     c.max_period)
+            self._pos_cache[key] = pe.to(device)
+        return self._pos_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)                                  # (B, D, H, Wp)
+        _, _, height, width = h.shape
+        h = h.flatten(2).transpose(1, 2)                  # (B, N, D), time-major
+        return (h + self.positions(height, width, h.device)).to(x.dtype)
+
+
+class TimestepMLP(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers ``TimestepEmbedding``)."""
+
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class FlowTimestepEmbedding(nn.Module):
+    """Flow time t in [0, 1] -> (B, D) embedding (the reference's ``flow_t_size`` override)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if cfg.flow_t_size % 2:
+            raise ValueError(f"flow_t_size {cfg.flow_t_size} must be even")
+        self.cfg = cfg
+        self.timestep_embedder = TimestepMLP(cfg.flow_t_size, cfg.hidden_size)
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, flow_t_size) = [cos, sin] of t * scale * freqs (float32 like the reference)."""
+        half = self.cfg.flow_t_size // 2
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(self.cfg.max_period) * k / half).to(t.dtype)
+        args = t[:, None] * freqs[None] * self.cfg.timestep_scale
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(self.sinusoid(t).to(dtype))
+
+
+class AdaLNSingle(nn.Module):
+    """adaLN-single: t -> (modulation (B, 6D) shared by all blocks, embedded t (B, D))."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.emb = FlowTimestepEmbedding(cfg)
+        self.linear = nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype):
+        embedded = self.emb(t, dtype)
+        return self.linear(F.silu(embedded)), embedded
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with biases, softmax(q k^T / sqrt(head_dim)): (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.to_q = nn.Linear(d, d)
+        self.to_k = nn.Linear(d, d)
+        self.to_v = nn.Linear(d, d)
+        self.to_out = nn.ModuleList([nn.Linear(d, d)])   # diffusers' [Linear, Dropout] -> name 'to_out.0'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+
+        def heads(y):
+            return y.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)))
+        return self.to_out[0](o.transpose(1, 2).reshape(b, n, d))
+
+
+class GeluTanhProj(nn.Module):
+    """Linear followed by tanh-approximated GELU (diffusers ``GELU(approximate='tanh')``)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """(B, N, D) -> (B, N, D) through ff_mult * D hidden units."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        # Keys follow diffusers' [GELU, Dropout, Linear] list: 'net.0.proj', 'net.2'.
+        self.net = nn.ModuleDict({"0": GeluTanhProj(d, cfg.ff_mult * d), "2": nn.Linear(cfg.ff_mult * d, d)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net["2"](self.net["0"](x))
+
+
+class DiTBlock(nn.Module):
+    """PixArt block: adaLN-modulated self-attention and feed-forward with gated residuals."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.eps = cfg.norm_eps
+        self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d ** 0.5)
+        self.attn1 = SelfAttention(cfg)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D), adaln (B, 6D) -> (B, N, D)."""
+        b, _, d = x.shape
+        mod = self.scale_shift_table[None] + adaln.reshape(b, 6, d)        # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        h = F.layer_norm(x, (d,), eps=self.eps) * (1 + scale_msa) + shift_msa
+        x = gate_msa * self.attn1(h) + x
+        h = F.layer_norm(x, (d,), eps=self.eps) * (1 + scale_mlp) + shift_mlp
+        return gate_mlp * self.ff(h) + x
+
+
+class DiT(nn.Module):
+    """Velocity network v(x, t): x (B, in_channels, F, W), t (B,) -> (B, out_channels, F, W).
+
+    ``forward`` is the composition of ``embed_patches``, ``embed_timestep``, the blocks and
+    ``project_out``; tests call those steps one by one to compare intermediates.
+    """
+
+    def __init__(self, cfg: DiTConfig = None):
+        super().__init__()
+        self.cfg = cfg = cfg or DiTConfig()
+        d = cfg.hidden_size
+        self.pos_embed = PatchEmbed(cfg)
+        self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
+        self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d ** 0.5)
+        self.proj_out = nn.Linear(d, cfg.patch_size ** 2 * cfg.out_channels)
+        self.adaln_single = AdaLNSingle(cfg)
+        self.requires_grad_(False)  # inference only: never build an autograd graph
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, F, W) -> tokens (B, N, D) with positions added."""
+        c = self.cfg
+        if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[2] % c.patch_size or x.shape[3] % c.patch_size:
+            raise ValueError(f"DiT input must be (B, {c.in_channels}, F, W) with F and W multiples of "
+                             f"{c.patch_size}, got {tuple(x.shape)}")
+        return self.pos_embed(x)
+
+    def embed_timestep(self, t: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """t (B,) -> (adaln modulation (B, 6D), embedded timestep (B, D))."""
+        return self.adaln_single(t, dtype)
+
+    def project_out(self, h: torch.Tensor, embedded_t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Final modulated norm + linear + unpatchify: (B, N, D) -> (B, out_channels, F, W)."""
+        b, _, d = h.shape
+        p, c = self.cfg.patch_size, self.cfg.out_channels
+        shift, scale = (self.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
+        h = F.layer_norm(h, (d,), eps=self.cfg.norm_eps) * (1 + scale) + shift
+        h = self.proj_out(h)                                        # (B, N, p*p*c) ordered (dy, dx, c)
+        h = h.reshape(b, height, width, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(b, c, height * p, width * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+        h = self.embed_patches(x)
+        adaln, embedded_t = self.embed_timestep(t, h.dtype)
+        for block in self.transformer_blocks:
+            h = block(h, adaln)
+        p = self.cfg.patch_size
+        return self.project_out(h, embedded_t, x.shape[2] // p, x.shape[3] // p)

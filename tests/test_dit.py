@@ -1,0 +1,146 @@
+"""DiT velocity network against the official Transformer2DModel (golden dit_forward.npz).
+
+Tolerances (shared/reference/README.md, "Suggested tolerances"): one DiT forward <= 2e-4 abs,
+applied to every intermediate of that forward. The two closed-form tables (timestep sinusoid,
+2-D positions) use 1e-6: they are elementwise float32/float64 math in the reference's op order,
+so only last-ulp differences of sin/cos are acceptable (computing the timestep arguments in
+float64 instead would already be off by ~5e-5 at t*1000 ~ 800).
+"""
+import numpy as np
+import pytest
+import torch
+
+import synthetic
+from mucodec.dit import DiT, DiTConfig, FlowTimestepEmbedding, sincos_pos_embed_2d
+
+PREFIX = "cfm_wrapper.estimator."
+DIT_TOL = 2e-4
+TABLE_TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def dit_full(full_codec):
+    """The DiT loaded from a synthetic mucodec.pt through MuCodec.from_pretrained."""
+    return full_codec.flow.estimator
+
+
+@pytest.fixture(scope="module")
+def gold():
+    return synthetic.golden("dit_forward")
+
+
+def max_err(a, b):
+    return float((torch.as_tensor(a) - torch.as_tensor(b)).abs().max())
+
+
+def test_config_matches_transformer2d_json():
+    c = DiTConfig()
+    assert (c.in_channels, c.out_channels, c.patch_size, c.num_layers) == (96, 32, 2, 24)
+    assert c.hidden_size == 22 * 72 == 1584
+    # diffusers: interpolation_scale = max(384 // 64, 1), base_size = 384 // patch
+    assert c.interpolation_scale == 6 and c.base_size == 192
+
+
+def test_state_dict_names_and_shapes_match_checkpoint():
+    with torch.device("meta"):
+        dit = DiT(DiTConfig())
+    ours = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    ref = {n[len(PREFIX):]: tuple(s) for n, s, _ in synthetic.entries("mucodec") if n.startswith(PREFIX)}
+    assert ours == ref
+
+
+def test_pos_embed_table(gold):
+    c = DiTConfig()
+    pe = sincos_pos_embed_2d(c.hidden_size, 32, 16, c.base_size, c.interpolation_scale, c.max_period)
+    assert pe.dtype == torch.float32 and pe.shape == (512, 1584)
+    assert max_err(pe, gold["pos_embed_32x16"]) <= TABLE_TOL
+
+
+def test_timestep_sinusoid(gold):
+    emb = FlowTimestepEmbedding(DiTConfig())
+    s = emb.sinusoid(torch.from_numpy(gold["timestep"]))
+    assert s.shape == (2, 512)
+    assert max_err(s, gold["timestep_sinusoid"]) <= TABLE_TOL
+
+
+def test_pos_embed_is_cached_per_grid():
+    dit = DiT(DiTConfig(num_layers=1, num_heads=2, head_dim=8, flow_t_size=16))
+    a = dit.pos_embed.positions(4, 16)
+    assert dit.pos_embed.positions(4, 16) is a
+    assert dit.pos_embed.positions(8, 16).shape == (128, 16)
+
+
+@pytest.mark.slow
+def test_forward_intermediates_match_reference(dit_full, gold):
+    x = torch.from_numpy(gold["x"])
+    t = torch.from_numpy(gold["timestep"])
+    errs = {}
+    with torch.no_grad():
+        adaln, embedded = dit_full.embed_timestep(t)
+        errs["adaln_timestep"] = max_err(adaln, gold["adaln_timestep"])
+        errs["adaln_embedded_timestep"] = max_err(embedded, gold["adaln_embedded_timestep"])
+        h = dit_full.embed_patches(x)
+        errs["patch_embed_out"] = max_err(h, gold["patch_embed_out"])
+        for i, block in enumerate(dit_full.transformer_blocks):
+            h = block(h, adaln)
+            if i == 0:
+                errs["block0_out"] = max_err(h, gold["block0_out"])
+        errs["block_last_out"] = max_err(h, gold["block_last_out"])
+        out_steps = dit_full.project_out(h, embedded, 32, 16)
+        out = dit_full(x, t)
+    errs["output"] = max_err(out, gold["output"])
+    print("dit_forward max abs errors:", errs)
+    assert out.shape == (2, 32, 64, 32)
+    assert all(e <= DIT_TOL for e in errs.values()), errs
+    assert torch.equal(out, out_steps)  # forward is exactly the composition of the steps
+
+
+def tiny_config(**kw):
+    args = dict(in_channels=6, out_channels=2, num_heads=2, head_dim=8, num_layers=2, flow_t_size=16)
+    return DiTConfig(**{**args, **kw})
+
+
+def test_tiny_config_sizes_follow_config():
+    torch.manual_seed(0)
+    dit = DiT(tiny_config())
+    shapes = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    assert len(dit.transformer_blocks) == 2
+    assert shapes["pos_embed.proj.weight"] == (16, 6, 2, 2)
+    assert shapes["adaln_single.emb.timestep_embedder.linear_1.weight"] == (16, 16)
+    assert shapes["adaln_single.linear.weight"] == (96, 16)
+    assert shapes["transformer_blocks.1.ff.net.0.proj.weight"] == (64, 16)
+    assert shapes["proj_out.weight"] == (8, 16)
+    x = torch.randn(3, 6, 12, 8)
+    t = torch.tensor([0.0, 0.3, 0.9])
+    with torch.no_grad():
+        out = dit(x, t)
+        assert out.shape == (3, 2, 12, 8)
+        # each item is independent of the others in the batch
+        for i in range(3):
+            torch.testing.assert_close(dit(x[i:i + 1], t[i:i + 1]), out[i:i + 1], atol=1e-6, rtol=0)
+        # the timestep matters
+        assert max_err(dit(x, torch.tensor([0.5, 0.5, 0.5])), out) > 1e-3
+
+
+def test_input_shape_is_checked():
+    dit = DiT(tiny_config())
+    with pytest.raises(ValueError):
+        dit(torch.randn(1, 5, 12, 8), torch.zeros(1))
+    with pytest.raises(ValueError):
+        dit(torch.randn(1, 6, 13, 8), torch.zeros(1))
+
+
+def test_unpatchify_order():
+    """Output features of a patch are ordered (dy, dx, channel), like upstream's einsum."""
+    dit = DiT(tiny_config(num_layers=0))
+    d = dit.cfg.hidden_size
+    h = torch.zeros(1, 2 * 1, d)  # grid 2 x 1 patches
+    with torch.no_grad():
+        dit.scale_shift_table.zero_()
+        dit.proj_out.weight.zero_()
+        dit.proj_out.bias.copy_(torch.arange(8, dtype=torch.float32))  # (dy, dx, c) = 2 x 2 x 2
+        out = dit.project_out(h, torch.zeros(1, d), 2, 1)
+    expect = np.arange(8).reshape(2, 2, 2).transpose(2, 0, 1)  # (c, dy, dx) of one patch
+    assert out.shape == (1, 2, 4, 2)
+    assert np.array_equal(out[0, :, 0:2, :].numpy(), expect)
+    assert np.array_equal(out[0, :, 2:4, :].numpy(), expect)
