@@ -418,7 +418,8 @@ def _load_audioldm(path, with_encoder: bool, with_vocoder: bool = True):
         raise CheckpointError(f"{path} lacks the tensor 'scale_factor': it is not the AudioLDM-48k checkpoint MuCodec uses.")
     scale_factor = float(full["scale_factor"])
     with skip_init():
-        vae = MelVAE(_config(VAEConfig, sizes.get("vae")), scale_factor, with_encoder=with_encoder)
+        vae = MelVAE(_config(VAEConfig, sizes.get("vae")), scale_factor, with_encoder=with_encoder,
+                     with_decoder=not with_encoder)
         vocoder = HiFiGAN(_config(VocoderConfig, sizes.get("vocoder"))) if with_vocoder else None
     load_module(vae, state, path, "first_stage_model.")
     if vocoder is not None:
