@@ -82,9 +82,10 @@ def _download(repo_id: str, roles) -> dict[str, Path]:
             paths[role] = Path(hf_hub_download(repo_id=repo_id, filename=name))
         except Exception as e:  # network down, offline mode, unknown repo, missing file ...
             raise CheckpointError(
-                f"Could not get {name} from the hub repo {repo_id} ({type(e).__name__}); with no network, download "
-                f"audioldm_48k.pth, muq.pt and mucodec.pt from {HUB_URL} and save them as "
-                f"{', '.join(FILES.values())} in a folder you pass instead of the repo id."
+                f"Could not get {name} from the hub repo {repo_id} ({type(e).__name__}); without network access, "
+                f"download audioldm_48k.pth, muq.pt and mucodec.pt from {HUB_URL} and save them as "
+                f"{', '.join(FILES.values())} in the MuCodec folder (beside generate.py) or in a folder you pass "
+                f"as the checkpoint path."
             ) from None
     return paths
 

@@ -49,11 +49,11 @@ class FakeCodec:
         frames = torch.nn.functional.pad(wav.abs().mean(0), (0, T * 1920 - wav.shape[-1])).reshape(T, 1920)
         return (frames.mean(1) * 1e5).long().remainder(16384).reshape(1, 1, T)
 
-    def code2sound(self, codes, num_steps=20, guidance_scale=1.5, prompt=None, generator=None):
+    def code2sound(self, codes, num_steps=20, guidance_scale=1.5, prompt=None, generator=None, fast_vocoder=False):
         assert codes.dtype == torch.int64 and codes.ndim == 3 and codes.shape[:2] == (1, 1)
         assert generator is None or generator.device.type == "cpu"
         self.calls.append(("code2sound", dict(num_steps=num_steps, guidance_scale=guidance_scale, prompt=prompt,
-                                              seeded=generator is not None)))
+                                              seeded=generator is not None, fast_vocoder=fast_vocoder)))
         level = (codes[0, 0].float() / 16384 * 0.5).repeat_interleave(1920)
         noise = 0.01 * torch.randn(2, level.numel(), generator=generator)
         return level.expand(2, -1) + noise
@@ -145,7 +145,7 @@ def test_reconstruct_one_file(tmp_path, codec_holder, capsys):
     assert built["path_or_repo"] == generate.default_ckpt()
     calls = codec_holder["codec"].calls
     assert calls[0] == ("sound2code", dict(batch_size=3, n=int(0.77 * 48000)))
-    assert calls[1][1] == dict(num_steps=50, guidance_scale=1.5, prompt=None, seeded=False)
+    assert calls[1][1] == dict(num_steps=50, guidance_scale=1.5, prompt=None, seeded=False, fast_vocoder=False)
     assert f"-> {dst}" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
     umask = os.umask(0)
@@ -157,11 +157,12 @@ def test_flags_reach_the_codec(tmp_path, codec_holder):
     src = tone(tmp_path / "a.wav")
     prompt = tone(tmp_path / "p.wav", seconds=0.3, rate=44100, channels=1)
     assert codec_holder["run"](src, "-o", tmp_path / "o", "--steps", "7", "--guidance", "2.5", "--batch-size", "1",
-                               "--seed", "3", "--prompt", prompt, "--ckpt", "some/where", "--device", "cpu") == 0
+                               "--seed", "3", "--prompt", prompt, "--ckpt", "some/where", "--device", "cpu",
+                               "--fast-vocoder") == 0
     assert FakeCodec.built[0]["path_or_repo"] == "some/where"
     (_, enc), (_, dec) = codec_holder["codec"].calls
     assert enc["batch_size"] == 1
-    assert dec["num_steps"] == 7 and dec["guidance_scale"] == 2.5 and dec["seeded"]
+    assert dec["num_steps"] == 7 and dec["guidance_scale"] == 2.5 and dec["seeded"] and dec["fast_vocoder"]
     assert dec["prompt"].shape == (2, int(0.3 * 48000)) and dec["prompt"].dtype == torch.float32
 
 

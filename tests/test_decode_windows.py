@@ -42,7 +42,7 @@ def recorder(tiny_codec, monkeypatch):
         rec["sample"].append((true_latents.clone(), latent_length, incontext_length, out.clone()))
         return out
 
-    def fake_wave(latents):
+    def fake_wave(latents, fast_vocoder=False):
         rec["wave_calls"] += 1
         return torch.full((2, latents.shape[2] * 8 * 480), float(rec["wave_calls"]))
 
@@ -137,3 +137,5 @@ def test_real_decode_of_two_windows(tiny_codec):
     assert a.shape == (2, 1025 * SPC) and torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert float(a.abs().max()) > 0
+    fast = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3), fast_vocoder=True)
+    torch.testing.assert_close(fast, a, rtol=0, atol=1e-5)  # same chunks up to float rounding
