@@ -139,3 +139,24 @@ def test_real_decode_of_two_windows(tiny_codec):
     assert float(a.abs().max()) > 0
     fast = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3), fast_vocoder=True)
     torch.testing.assert_close(fast, a, rtol=0, atol=1e-5)  # same chunks up to float rounding
+
+
+def test_prompt_starts_the_first_window(tiny_codec, recorder):
+    """A 3 s prompt: its VAE latents (37 frames) are window 0's prefix, its 74 codes are prepended,
+    and the output still covers exactly the given codes (official code2sound(prompt=...))."""
+    n = 300
+    codes = torch.randint(0, 16384, (1, 1, n), generator=torch.Generator().manual_seed(9))
+    t = torch.arange(3 * 48000) / 48000
+    prompt = 0.5 * torch.sin(2 * np.pi * 330 * t).repeat(2, 1)
+    wav = tiny_codec.code2sound(codes, num_steps=1, prompt=prompt, generator=torch.Generator().manual_seed(0))
+    assert wav.shape == (2, n * SPC)
+    # mel frames 3 s / 10 ms + 1 = 301 -> VAE encoder: 150 -> 75 -> 37 latent frames
+    true_latents, _, incontext, _ = recorder["sample"][0]
+    assert incontext == 37
+    prompt_codes = tiny_codec.sound2code(prompt)[..., :74]
+    window = recorder["codes"][0]
+    assert torch.equal(window[..., :74].cpu(), prompt_codes)
+    assert torch.equal(window[..., 74:74 + n].cpu(), codes)
+    # the prefix frames are the prompt's latents (not noise): they stay identical in the sampler output
+    out = recorder["sample"][0][3]
+    assert torch.allclose(out[:, :, :37], true_latents[:, :, :37], atol=1e-5)
