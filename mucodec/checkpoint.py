@@ -216,28 +216,30 @@ def fold_weight_norm(state: dict) -> dict:
     return out
 
 
-def load_module(module: torch.nn.Module, state: dict, path, prefix: str = "") -> torch.nn.Module:
+def load_module(module: torch.nn.Module, state: dict, path, prefix="") -> torch.nn.Module:
     """Load ``state`` (names relative to ``module``) into ``module``, checking every tensor it needs.
 
-    ``prefix`` is how those names appear in the file, for the error message. Extra entries are ignored
-    (and summarised at debug level); a missing or misshaped entry raises one clear CheckpointError.
+    ``prefix`` (a string to prepend, or a function of the name) gives how a name appears in the
+    file, for the error message. Extra entries are ignored (and summarised at debug level); a
+    missing or misshaped entry raises one clear CheckpointError.
     """
+    in_file = prefix if callable(prefix) else (lambda name: prefix + name)
     expected = module.state_dict()
     for name, ref in expected.items():
         got = state.get(name)
         if got is None:
             raise CheckpointError(
-                f"{path} lacks the tensor '{prefix}{name}' (expected shape {tuple(ref.shape)}): it is not a complete "
+                f"{path} lacks the tensor '{in_file(name)}' (expected shape {tuple(ref.shape)}): it is not a complete "
                 f"MuCodec checkpoint; download it again from {HUB_URL}."
             )
         if tuple(got.shape) != tuple(ref.shape):
             raise CheckpointError(
-                f"{path} has '{prefix}{name}' of shape {tuple(got.shape)} where {tuple(ref.shape)} is expected: "
+                f"{path} has '{in_file(name)}' of shape {tuple(got.shape)} where {tuple(ref.shape)} is expected: "
                 f"it does not belong to this model; use the official file from {HUB_URL}."
             )
     extra = sorted(set(state) - set(expected))
     if extra:
-        log.debug("%s: %d entries under '%s' not needed at inference (e.g. %s)", path, len(extra), prefix, extra[:3])
+        log.debug("%s: %d entries not needed at inference (e.g. %s)", path, len(extra), [in_file(k) for k in extra[:3]])
     # assign=True adopts the (memory-mapped) checkpoint tensors instead of copying them into the
     # placeholder parameters the module was built with.
     module.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)

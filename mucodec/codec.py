@@ -202,7 +202,8 @@ class MuCodec:
         flow_state = {k: v for k, v in codec_state.items()
                       if k.startswith(("normfeat.", "cond_muencoder_emb.")) or k == "zero_cond_embedding1"}
         flow_state.update(subdict(codec_state, "cfm_wrapper.estimator.", "estimator."))
-        load_module(flow, flow_state, files["mucodec"])
+        load_module(flow, flow_state, files["mucodec"],
+                    lambda k: "cfm_wrapper." + k if k.startswith("estimator.") else k)
         del codec_obj, codec_state, flow_state
 
         vae, vocoder, scale_factor = _load_audioldm(files["audioldm"], with_encoder=False)
