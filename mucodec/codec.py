@@ -91,9 +91,9 @@ def _config(cls, d: dict | None):
         if f.name not in d:
             continue
         v = d[f.name]
-        default = cls.__dataclass_fields__[f.name].default_factory if f.default_factory is not dataclasses.MISSING else None
-        if isinstance(v, dict) and default is not None and dataclasses.is_dataclass(default()):
-            v = _config(type(default()), v)
+        factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
+        if isinstance(v, dict) and factory is not None and dataclasses.is_dataclass(factory()):
+            v = _config(type(factory()), v)
         elif isinstance(v, list):
             v = tuple(v)
         kwargs[f.name] = v

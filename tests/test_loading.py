@@ -95,3 +95,12 @@ def test_layer_out_of_range_is_a_clear_error(tiny_ckpt_dir):
     with pytest.raises(CheckpointError) as e:
         MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu", encoder_only=True, layer=9)
     assert "layer 9" in str(e.value)
+
+
+def test_package_api(tiny_ckpt_dir):
+    import mucodec
+
+    codec = mucodec.MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu", encoder_only=True)
+    assert isinstance(codec, MuCodec) and codec.sample_rate == 48000 and codec.frame_rate == 25
+    assert issubclass(mucodec.CheckpointError, mucodec.MuCodecError)
+    assert callable(mucodec.load_audio) and callable(mucodec.save_codes) and callable(mucodec.load_codes)
