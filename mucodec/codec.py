@@ -135,6 +135,7 @@ class MuCodec:
         self.vocoder = vocoder.eval().to(self.device) if vocoder is not None else None
         self.scale_factor = float(scale_factor)
         self._audioldm_path = audioldm_path
+        self._encoder_vae = None  # the VAE encoder half, loaded on the first prompt
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -393,7 +394,7 @@ class MuCodec:
         return lat, codes
 
     def _vae_encoder(self):
-        if getattr(self, "_encoder_vae", None) is None:
+        if self._encoder_vae is None:
             if self._audioldm_path is None:
                 raise CheckpointError("prompting needs the VAE encoder of tools/audioldm_48k.pth, which was not loaded.")
             self._encoder_vae, _, _ = _load_audioldm(self._audioldm_path, with_encoder=True, with_vocoder=False)
