@@ -1,44 +1,62 @@
 """MuCodec token files (``.mct``): a small, versioned, self-checking container for codes.
 
-Byte layout of version 1 (all integers big-endian)::
+Byte layout of version 2, the version written (all integers big-endian)::
 
-    offset  size  field
-    0       7     magic  b"MUCODEC"
-    7       1     version = 1
-    8       2     H = length of the header in bytes (uint16)
-    10      H     header: a UTF-8 JSON object (fields below)
-    10+H    P     payload: the codes bit-packed, P = ceil(bits * K * T / 8) bytes
+    offset    size  field
+    0         7     magic  b"MUCODEC"
+    7         1     version = 2
+    8         2     H = length of the header in bytes (uint16, at most 4096)
+    10        H     header: a UTF-8 JSON object (fields below)
+    10+H      P     payload: the codes bit-packed, P = ceil(bits * K * T / 8) bytes
+    10+H+P    4     CRC-32 (zlib, uint32) of every byte before it: magic, version, H, header and payload
 
-Header fields (all required; readers ignore fields they do not know)::
+A version 2 file is therefore exactly 14 + H + P bytes, and its checksum is verified before the header
+is parsed.
 
-    frame_rate            int    codes per second per codebook (25)
-    codebook_size         int    number of entries per codebook (16384); bits = ceil(log2(size)) = 14
-    num_codebooks         int    K (1)
-    num_codes             int    T, codes per codebook (>= 1)
-    sample_rate           int    rate of the audio the codes stand for (48000)
-    num_samples           int    length of that audio in samples at sample_rate (decoders cut to it)
-    duration              float  num_samples / sample_rate in seconds (informative, checked)
-    original_sample_rate  int or null   rate of the file the codes were made from
-    original_channels     int or null   channels of that file
-    layer                 int    MuQ encoder layer whose output was quantised (6)
-    crc32                 int    zlib CRC-32 of the payload
+Version 1 (still read, no longer written) has the same first 10 + H + P bytes and no trailer; its
+header carries one more required field, ``crc32``, the CRC-32 of the payload alone, so a version 1
+header is not covered by any checksum.
+
+Header fields (all required)::
+
+    frame_rate            int    codes per second per codebook (25)                 [1, 10000]
+    codebook_size         int    entries per codebook (16384); bits = ceil(log2(size)) = 14  [2, 2**32]
+    num_codebooks         int    K (1)                                               [1, 64]
+    num_codes             int    T, codes per codebook; K * T <= 2**24               [1, 2**24]
+    sample_rate           int    rate of the audio the codes stand for (48000)       [1, 1000000]
+    num_samples           int    length of that audio in samples at sample_rate (decoders cut to it);
+                                 at least 1 and at most T * sample_rate / frame_rate
+    duration              float  num_samples / sample_rate in seconds (informative; must agree within 1 ms)
+    original_sample_rate  int or null   rate of the file the codes were made from    [1, 1000000]
+    original_channels     int or null   channels of that file                        [1, 1024]
+    layer                 int    MuQ encoder layer whose output was quantised (6)    [0, 1000]
+
+The header must be a flat JSON object: no value may be an array or an object, no name may repeat,
+and NaN/Infinity are refused. Readers keep fields they do not know (scalars only) in the header they
+return and otherwise ignore them, so a later version may add fields.
 
 Payload: the codes in time order (for K > 1, the K codes of frame 0, then of frame 1, ...), each
 written as an unsigned ``bits``-bit integer, most significant bit first, with no gap between codes;
 the last byte is padded with zero bits. At 25 Hz and 14 bits that is 43.75 bytes per second of music
-(0.35 kbit/s) plus a header of about 250 bytes.
+(0.35 kbit/s) plus about 250 bytes of header and trailer.
 
-Reading never executes anything from the file (no pickle): every field, the payload length, the
-padding bits, the checksum and the code range are checked, and any problem raises a
-:class:`~mucodec.errors.TokenFileError` whose one-sentence message names the file.
+Limits: the largest legal file holds 2**24 codes of 32 bits (64 MiB of payload; 186 hours at 25 Hz).
+A reader refuses anything larger, and anything that is not a regular file, without reading it.
+
+Reading never executes anything from the file (no pickle): the size, every field, the payload
+length, the padding bits, the checksum and the code range are checked, and any problem raises a
+:class:`~mucodec.errors.TokenFileError` whose one-sentence message names the file. Nothing is
+unpacked before the header has passed every check (and, with ``expect``, matched the model).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
+import operator
 import os
+import re
 import secrets
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -46,33 +64,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import TokenFileError
+from .errors import ArgumentError, CodesError, OutputError, TokenFileError
 
 MAGIC = b"MUCODEC"
-VERSION = 1
+VERSION = 2  # the version written
+VERSIONS = (1, 2)  # the versions read
 EXTENSION = ".mct"
-_PREFIX = len(MAGIC) + 1 + 2  # magic, version byte, header length
-_MAX_HEADER = 0xFFFF
 
-# name -> (types accepted, may be null); bool is rejected separately because it is an int in Python.
-_FIELDS = {
-    "frame_rate": (int, False),
-    "codebook_size": (int, False),
-    "num_codebooks": (int, False),
-    "num_codes": (int, False),
-    "sample_rate": (int, False),
-    "num_samples": (int, False),
-    "duration": ((int, float), False),
-    "original_sample_rate": (int, True),
-    "original_channels": (int, True),
-    "layer": (int, False),
-    "crc32": (int, False),
+_PREFIX = len(MAGIC) + 1 + 2  # magic, version byte, header length
+_TRAILER = 4  # version 2: CRC-32 of everything before it
+MAX_HEADER = 4096  # legitimate headers take about 250 bytes
+MAX_CODES = 2 ** 24  # K * T
+MAX_CODEBOOKS = 64
+MAX_FILE = _PREFIX + MAX_HEADER + MAX_CODES * 32 // 8 + _TRAILER
+_MAX_RATE = 1_000_000
+_NAME_MAX = 255  # bytes in one file name on common file systems
+_CHUNK = 1 << 16  # codes per step when (un)packing; a multiple of 8 so packed chunks end on a byte
+
+# name -> (smallest, largest, may be null)
+_INT_FIELDS = {
+    "frame_rate": (1, 10_000, False),
+    "codebook_size": (2, 2 ** 32, False),
+    "num_codebooks": (1, MAX_CODEBOOKS, False),
+    "num_codes": (1, MAX_CODES, False),
+    "sample_rate": (1, _MAX_RATE, False),
+    "num_samples": (1, MAX_CODES * _MAX_RATE, False),
+    "original_sample_rate": (1, _MAX_RATE, True),
+    "original_channels": (1, 1024, True),
+    "layer": (0, 1000, False),
 }
+_V1_CRC_FIELD = ("crc32", (0, 2 ** 32 - 1, False))
 
 
 def bits_per_code(codebook_size: int) -> int:
     """Bits one code takes: ceil(log2(codebook_size)), at least 1 (14 for 16384 entries)."""
-    return max(1, math.ceil(math.log2(codebook_size)))
+    return max(1, (int(codebook_size) - 1).bit_length())
 
 
 def payload_size(num_values: int, bits: int) -> int:
@@ -81,166 +107,386 @@ def payload_size(num_values: int, bits: int) -> int:
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Pack non-negative integers < 2**bits (1-D) MSB first into ceil(bits*n/8) bytes."""
-    v = np.ascontiguousarray(values, dtype=">u4").view(np.uint8).reshape(-1, 4)
-    # Each value's 32 big-endian bits; keep the low `bits`, so the stream is just their concatenation.
-    b = np.unpackbits(v, axis=1)[:, 32 - bits:]
-    return np.packbits(b.reshape(-1)).tobytes()
+    """Pack non-negative integers < 2**bits <= 2**32 (1-D) MSB first into ceil(bits*n/8) bytes."""
+    values = np.asarray(values).reshape(-1)
+    parts = []
+    # Chunked so the 32-bytes-per-code bit array stays small whatever the number of codes.
+    for start in range(0, len(values), _CHUNK):
+        v = np.ascontiguousarray(values[start:start + _CHUNK], dtype=">u4").view(np.uint8).reshape(-1, 4)
+        parts.append(np.packbits(np.unpackbits(v, axis=1)[:, 32 - bits:].reshape(-1)).tobytes())
+    return b"".join(parts)
 
 
 def unpack_bits(data: bytes, num_values: int, bits: int) -> tuple[np.ndarray, bool]:
-    """Inverse of :func:`pack_bits`: (int64 values of shape (n,), whether the padding bits are all zero)."""
-    b = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    n = num_values * bits
-    padding_clean = not b[n:].any()
-    b = b[:n].reshape(num_values, bits)
-    b = np.concatenate([np.zeros((num_values, 32 - bits), dtype=np.uint8), b], axis=1)
-    values = np.packbits(b, axis=1).view(">u4").reshape(-1).astype(np.int64)
-    return values, padding_clean
+    """Inverse of :func:`pack_bits`: (int64 values of shape (n,), whether every bit after them is zero).
+
+    ``data`` must hold at least ceil(bits*n/8) bytes. Memory: the output plus a bounded work area.
+    """
+    need = payload_size(num_values, bits)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if len(buf) < need:
+        raise ValueError(f"{num_values} codes of {bits} bits need {need} bytes, got {len(buf)}")
+    # A code of <= 32 bits starting at any bit lies inside the 8 bytes from its first byte on.
+    padded = np.zeros(need + 8, dtype=np.uint8)
+    padded[:need] = buf[:need]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 8)
+    out = np.empty(num_values, dtype=np.int64)
+    mask = np.uint64((1 << bits) - 1)
+    for start in range(0, num_values, _CHUNK):
+        first_bit = np.arange(start, min(start + _CHUNK, num_values), dtype=np.uint64) * np.uint64(bits)
+        word = windows[(first_bit >> np.uint64(3)).astype(np.intp)].view(">u8")[:, 0].astype(np.uint64)
+        out[start:start + len(first_bit)] = (word >> (np.uint64(64 - bits) - (first_bit & np.uint64(7)))) & mask
+    used = num_values * bits
+    tail_clean = (used % 8 == 0 or not int(buf[need - 1]) & (0xFF >> (used % 8))) and not buf[need:].any()
+    return out, bool(tail_clean)
 
 
-def _as_code_array(codes, codebook_size: int, where: str) -> np.ndarray:
-    """Codes as an int64 array (K, T), checked for shape, integer type and range."""
+# ---- codes ----------------------------------------------------------------------------------------
+
+def validate_codes(codes, codebook_size: int, *, where: str = "codes",
+                   num_codebooks: int | None = None) -> torch.Tensor:
+    """Codes as a CPU LongTensor (1, K, T), from a torch tensor, numpy array or nested list of integers.
+
+    Accepts shapes (T,), (K, T) and (1, K, T) and any integer dtype (uint64 included: the range is
+    checked before converting, so nothing wraps). With ``num_codebooks``, K must equal it. Raises
+    :class:`~mucodec.errors.CodesError` (a ``ValueError``) with one sentence starting with ``where``.
+    """
+    if isinstance(codes, (str, os.PathLike)):
+        raise CodesError(f"{where} must be a code tensor, not the path {os.fsdecode(codes)!r}: pass the codes, "
+                         f"or use load_codes(path) / code2sound(path).")
     if isinstance(codes, torch.Tensor):
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise TokenFileError(f"Cannot write {where}: codes must be an integer tensor, got {codes.dtype}.")
+            raise CodesError(f"{where} must be integers, got {codes.dtype}: pass the LongTensor sound2code returned.")
         arr = codes.detach().cpu().numpy()
     else:
-        arr = np.asarray(codes)
+        try:
+            arr = np.asarray(codes)
+        except (ValueError, TypeError):
+            raise CodesError(f"{where} must be an array of integers; pass the LongTensor sound2code "
+                             f"returned.") from None
         if arr.dtype.kind not in "iu":
-            raise TokenFileError(f"Cannot write {where}: codes must be integers, got dtype {arr.dtype}.")
-    if arr.ndim == 3 and arr.shape[0] == 1:
+            raise CodesError(f"{where} must be integers, got dtype {arr.dtype}: pass the LongTensor sound2code "
+                             f"returned.")
+    shape = tuple(arr.shape)
+    if arr.ndim == 3 and shape[0] == 1:
         arr = arr[0]
     elif arr.ndim == 1:
         arr = arr[None]
-    if arr.ndim != 2:
-        raise TokenFileError(
-            f"Cannot write {where}: codes must have shape (1, K, T), (K, T) or (T,), got {tuple(codes.shape)}.")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise TokenFileError(f"Cannot write {where}: there are no codes (shape {tuple(codes.shape)}).")
-    arr = arr.astype(np.int64)
+    if arr.ndim != 2 or (num_codebooks is not None and arr.shape[0] != num_codebooks):
+        wanted = "(1, K, T), (K, T) or (T,)" if num_codebooks is None else \
+            f"(1, {num_codebooks}, T), ({num_codebooks}, T)" + (" or (T,)" if num_codebooks == 1 else "")
+        raise CodesError(f"{where} must have shape {wanted}, got {shape}.")
+    if arr.size == 0:
+        raise CodesError(f"{where} contain no codes (shape {shape}); pass at least one code.")
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= codebook_size:
-        raise TokenFileError(
-            f"Cannot write {where}: codes must lie in [0, {codebook_size - 1}], found values in [{lo}, {hi}].")
-    return arr
+        raise CodesError(f"{where} must lie in [0, {codebook_size - 1}], found values in [{lo}, {hi}]: they were "
+                         f"not made by a model with a codebook of {codebook_size} entries.")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))[None]
 
 
-def encode_tokens(codes, *, frame_rate: int = 25, codebook_size: int = 16384, sample_rate: int = 48000,
-                  num_samples: int | None = None, original_sample_rate: int | None = None,
-                  original_channels: int | None = None, layer: int = 6, where: str = "token data") -> bytes:
-    """The bytes of a token file holding ``codes`` (LongTensor (1, K, T), (K, T) or (T,)).
+# ---- header -----------------------------------------------------------------------------------------
 
-    ``num_samples`` is the length, at ``sample_rate``, of the audio the codes stand for; it defaults
-    to T * sample_rate / frame_rate (what a decoder produces from T codes).
-    """
-    for name, value in (("frame_rate", frame_rate), ("codebook_size", codebook_size), ("sample_rate", sample_rate)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TokenFileError(f"Cannot write {where}: {name} must be a positive integer, got {value!r}.")
-    if codebook_size < 2 or codebook_size > 2 ** 32:
-        raise TokenFileError(f"Cannot write {where}: codebook_size must lie in [2, 2**32], got {codebook_size}.")
-    arr = _as_code_array(codes, codebook_size, where)
-    num_codebooks, num_codes = arr.shape
-    if num_samples is None:
-        num_samples = num_codes * sample_rate // frame_rate
-    header = {
-        "frame_rate": frame_rate,
-        "codebook_size": codebook_size,
-        "num_codebooks": int(num_codebooks),
-        "num_codes": int(num_codes),
-        "sample_rate": sample_rate,
-        "num_samples": int(num_samples),
-        "duration": round(int(num_samples) / sample_rate, 6),
-        "original_sample_rate": None if original_sample_rate is None else int(original_sample_rate),
-        "original_channels": None if original_channels is None else int(original_channels),
-        "layer": int(layer),
-    }
-    payload = pack_bits(arr.T.reshape(-1), bits_per_code(codebook_size))
-    header["crc32"] = zlib.crc32(payload)
-    _check_header(header, where)  # the writer holds itself to the reader's rules
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return MAGIC + bytes([VERSION]) + struct.pack(">H", len(text)) + text + payload
-
-
-def _check_header(header, where: str) -> None:
-    if not isinstance(header, dict):
-        raise TokenFileError(f"{where} is damaged: its header is not a JSON object.")
-    for name, (types, nullable) in _FIELDS.items():
+def _header_problem(header: dict, version: int) -> str | None:
+    """What is wrong with a parsed header (a phrase), or None: the one place header rules live."""
+    fields = dict(_INT_FIELDS)
+    if version == 1:
+        fields.update([_V1_CRC_FIELD])
+    for name, (lo, hi, nullable) in fields.items():
         if name not in header:
-            raise TokenFileError(f"{where} is damaged: its header lacks the field '{name}'.")
+            return f"its header lacks the field '{name}'"
         value = header[name]
         if value is None and nullable:
             continue
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise TokenFileError(f"{where} is damaged: header field '{name}' has the invalid value {value!r}.")
-    positive = ("frame_rate", "num_codebooks", "num_codes", "sample_rate", "original_sample_rate", "original_channels")
-    for name in positive:
-        if header[name] is not None and header[name] < 1:
-            raise TokenFileError(f"{where} is damaged: header field '{name}' must be positive, got {header[name]}.")
-    for name in ("num_samples", "layer", "crc32"):
-        if header[name] < 0:
-            raise TokenFileError(f"{where} is damaged: header field '{name}' must not be negative, got {header[name]}.")
-    if not 2 <= header["codebook_size"] <= 2 ** 32:
-        raise TokenFileError(f"{where} is damaged: codebook_size {header['codebook_size']} is not in [2, 2**32].")
-    if header["num_samples"] * header["frame_rate"] > header["num_codes"] * header["sample_rate"]:
-        raise TokenFileError(f"{where} is damaged: {header['num_codes']} codes at {header['frame_rate']} Hz cannot "
-                             f"stand for {header['num_samples']} samples at {header['sample_rate']} Hz.")
-    if abs(header["duration"] - header["num_samples"] / header["sample_rate"]) > 1e-3:
-        raise TokenFileError(f"{where} is damaged: its duration {header['duration']} s does not match "
-                             f"{header['num_samples']} samples at {header['sample_rate']} Hz.")
+        if type(value) is not int:  # bool is an int subclass but never a count
+            return f"'{name}' has the invalid value {_short(value)}"
+        if not lo <= value <= hi:
+            return f"'{name}' is {_short(value)}, which is outside [{lo}, {hi}]"
+    if "duration" not in header:
+        return "its header lacks the field 'duration'"
+    duration = header["duration"]
+    # Comparisons, not float(): exact for ints of any size, and false for NaN.
+    if type(duration) not in (int, float) or not 0 <= duration <= MAX_CODES * _MAX_RATE:
+        return f"'duration' has the invalid value {_short(duration)}"
+    k, t = header["num_codebooks"], header["num_codes"]
+    if k * t > MAX_CODES:
+        return f"{k} x {t} codes are more than a token file may hold ({MAX_CODES})"
+    if header["num_samples"] * header["frame_rate"] > t * header["sample_rate"]:
+        return (f"{t} codes at {header['frame_rate']} Hz cannot stand for {header['num_samples']} samples at "
+                f"{header['sample_rate']} Hz")
+    if abs(duration - header["num_samples"] / header["sample_rate"]) > 1e-3:
+        return (f"its duration {duration} s does not match {header['num_samples']} samples at "
+                f"{header['sample_rate']} Hz")
+    return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# Escape pairs, quotes and brackets: enough to follow strings and nesting without parsing.
+_STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.S)
+
+
+def _is_flat(text: bytes) -> bool:
+    """Whether no array or object opens inside another (outside strings), so json.loads cannot recurse.
+
+    Stops at the second level, so a header of 4096 brackets costs two steps.
+    """
+    depth = 0
+    in_string = False
+    for match in _STRUCTURE.finditer(text):
+        token = match.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:
+            continue
+        elif token in b"[{":
+            depth += 1
+            if depth > 1:
+                return False
+        elif depth:  # a stray closing bracket is invalid JSON, and the parser stops there
+            depth -= 1
+    return True
+
+
+class _Pairs(list):
+    """The (name, value) pairs of a JSON object, kept as a list so repeated names can be seen."""
 
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not a number a token file may hold")
 
 
-def decode_tokens(data: bytes, where: str = "token data") -> tuple[torch.Tensor, dict]:
-    """Parse the bytes of a token file: (codes LongTensor (1, K, T), header dict); checks everything."""
-    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+def _parse_header(text: bytes, damaged) -> dict:
+    if not _is_flat(text):
+        raise damaged("its header is not a flat JSON object (it nests arrays or objects)")
+    try:
+        pairs = json.loads(text.decode("utf-8"), object_pairs_hook=_Pairs, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise damaged("its header is not valid UTF-8 JSON") from None
+    if not isinstance(pairs, _Pairs):
+        raise damaged("its header is not a JSON object")
+    seen = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise damaged(f"its header repeats the field {_short(name)}")
+        seen.add(name)
+    return dict(pairs)
+
+
+def check_compatible(header: dict, expect, where) -> None:
+    """Raise TokenFileError when the header of ``where`` differs from ``expect`` (field -> value) anywhere."""
+    for field, ours in (expect or {}).items():
+        value = header.get(field)
+        if value != ours:
+            raise TokenFileError(f"{where} was made with {field} {value}, but this model uses {ours}.")
+
+
+# ---- bytes <-> codes ----------------------------------------------------------------------------------
+
+def _int_or_same(value):
+    if isinstance(value, (bool, np.bool_)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
+def encode_tokens(codes, *, frame_rate: int = 25, codebook_size: int = 16384, sample_rate: int = 48000,
+                  num_samples: int | None = None, original_sample_rate: int | None = None,
+                  original_channels: int | None = None, layer: int = 6, where: str = "token data") -> bytes:
+    """The bytes of a version-2 token file holding ``codes`` ((1, K, T), (K, T) or (T,) integers).
+
+    ``num_samples`` is the length, at ``sample_rate``, of the audio the codes stand for; it defaults
+    to T * sample_rate / frame_rate (what a decoder produces from T codes). Raises CodesError for bad
+    codes and ArgumentError for a field the format cannot hold.
+    """
+    frame_rate, codebook_size, sample_rate = map(_int_or_same, (frame_rate, codebook_size, sample_rate))
+    for name, value in (("frame_rate", frame_rate), ("codebook_size", codebook_size), ("sample_rate", sample_rate)):
+        lo, hi, _ = _INT_FIELDS[name]
+        if type(value) is not int or not lo <= value <= hi:
+            raise ArgumentError(f"Cannot write {where}: {name} must be an integer in [{lo}, {hi}], got {value!r}.")
+    arr = validate_codes(codes, codebook_size, where=f"the codes for {where}")[0].numpy()
+    num_codebooks, num_codes = arr.shape
+    if num_codebooks > MAX_CODEBOOKS or arr.size > MAX_CODES:
+        raise CodesError(f"Cannot write {where}: {num_codebooks} x {num_codes} codes are more than a token file "
+                         f"may hold ({MAX_CODEBOOKS} codebooks, {MAX_CODES} codes); split the audio.")
+    if num_samples is None:
+        num_samples = num_codes * sample_rate // frame_rate
+    num_samples = _int_or_same(num_samples)
+    header = {
+        "frame_rate": frame_rate,
+        "codebook_size": codebook_size,
+        "num_codebooks": int(num_codebooks),
+        "num_codes": int(num_codes),
+        "sample_rate": sample_rate,
+        "num_samples": num_samples,
+        "duration": round(num_samples / sample_rate, 6) if type(num_samples) is int else None,
+        "original_sample_rate": _int_or_same(original_sample_rate),
+        "original_channels": _int_or_same(original_channels),
+        "layer": _int_or_same(layer),
+    }
+    problem = _header_problem(header, VERSION)  # the writer holds itself to the reader's rules
+    if problem:
+        raise ArgumentError(f"Cannot write {where}: {problem}.")
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    body = MAGIC + bytes([VERSION]) + struct.pack(">H", len(text)) + text + pack_bits(arr.T.reshape(-1),
+                                                                                      bits_per_code(codebook_size))
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def decode_tokens(data: bytes, where: str = "token data", *, expect=None) -> tuple[torch.Tensor, dict]:
+    """Parse the bytes of a token file: (codes LongTensor (1, K, T), header dict); checks everything.
+
+    ``expect`` (field -> value, see :func:`check_compatible`) is checked once the header is valid and
+    before any code is unpacked.
+    """
+    data = bytes(data)
+
+    def damaged(problem: str) -> TokenFileError:
+        return TokenFileError(f"{where} is damaged: {problem}; re-encode the audio.")
+
+    if not data:
+        raise TokenFileError(f"{where} is empty: it is not a MuCodec token file (re-encode the audio).")
+    if data[: len(MAGIC)] != MAGIC:
         raise TokenFileError(f"{where} is not a MuCodec token file (it does not start with {MAGIC!r}).")
     if len(data) < _PREFIX:
-        raise TokenFileError(f"{where} is truncated: it ends inside the file header.")
+        raise TokenFileError(f"{where} is truncated: it ends inside the file header; re-encode the audio.")
     version = data[len(MAGIC)]
-    if version != VERSION:
-        raise TokenFileError(f"{where} has token-file version {version}, but this MuCodec reads only version "
-                             f"{VERSION}; update MuCodec.")
+    if version not in VERSIONS:
+        raise TokenFileError(f"{where} has token-file version {version}, but this MuCodec reads only versions "
+                             f"{', '.join(map(str, VERSIONS))}; update MuCodec.")
+    if len(data) > MAX_FILE:
+        raise damaged(f"it holds {len(data)} bytes, more than the largest token file ({MAX_FILE} bytes)")
     (size,) = struct.unpack(">H", data[len(MAGIC) + 1: _PREFIX])
-    if len(data) < _PREFIX + size:
-        raise TokenFileError(f"{where} is truncated: its header needs {size} bytes but only "
-                             f"{len(data) - _PREFIX} follow.")
-    try:
-        header = json.loads(data[_PREFIX: _PREFIX + size].decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError):
-        raise TokenFileError(f"{where} is damaged: its header is not valid UTF-8 JSON.") from None
-    _check_header(header, where)
+    if size > MAX_HEADER:
+        raise damaged(f"its header claims {size} bytes, more than the {MAX_HEADER} a header may take")
+    trailer = _TRAILER if version >= 2 else 0
+    if len(data) < _PREFIX + size + trailer:
+        raise TokenFileError(f"{where} is truncated: it is too short for its {size}-byte header; re-encode the audio.")
+    if trailer:
+        (stored,) = struct.unpack(">I", data[-trailer:])
+        if zlib.crc32(data[:-trailer]) != stored:
+            raise damaged("its checksum does not match (the file was altered or cut)")
+    header = _parse_header(data[_PREFIX: _PREFIX + size], damaged)
+    problem = _header_problem(header, version)
+    if problem:
+        raise damaged(problem)
     bits = bits_per_code(header["codebook_size"])
     num_values = header["num_codebooks"] * header["num_codes"]
-    payload = data[_PREFIX + size:]
+    payload = data[_PREFIX + size: len(data) - trailer]
     expected = payload_size(num_values, bits)
     if len(payload) != expected:
-        raise TokenFileError(f"{where} is damaged: {num_values} codes of {bits} bits need {expected} payload bytes "
-                             f"but the file holds {len(payload)}.")
-    if zlib.crc32(payload) != header["crc32"]:
-        raise TokenFileError(f"{where} is damaged: the checksum of its codes does not match (CRC-32 "
-                             f"{zlib.crc32(payload)} instead of {header['crc32']}).")
+        raise damaged(f"{num_values} codes of {bits} bits need {expected} payload bytes but the file holds "
+                      f"{len(payload)}")
+    if version == 1 and zlib.crc32(payload) != header["crc32"]:
+        raise damaged(f"the checksum of its codes does not match (CRC-32 {zlib.crc32(payload)} instead of "
+                      f"{header['crc32']})")
+    check_compatible(header, expect, where)
     values, padding_clean = unpack_bits(payload, num_values, bits)
     if not padding_clean:
-        raise TokenFileError(f"{where} is damaged: the padding bits after the last code are not zero.")
-    if num_values and int(values.max()) >= header["codebook_size"]:
-        raise TokenFileError(f"{where} is damaged: it holds code {int(values.max())}, outside a codebook of "
-                             f"{header['codebook_size']} entries.")
-    codes = torch.from_numpy(values.reshape(header["num_codes"], header["num_codebooks"]).T.copy())[None]
-    return codes, header
+        raise damaged("the padding bits after the last code are not zero")
+    top = int(values.max())
+    if top >= header["codebook_size"]:
+        raise damaged(f"it holds code {top}, outside a codebook of {header['codebook_size']} entries")
+    codes = values.reshape(header["num_codes"], header["num_codebooks"]).T
+    return torch.from_numpy(np.ascontiguousarray(codes))[None], header
+
+
+# ---- files --------------------------------------------------------------------------------------------
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+class _NotRegular(Exception):
+    """The path is a folder, pipe, device or socket (its st_mode is kept for the message)."""
+
+    def __init__(self, mode: int):
+        super().__init__(mode)
+        self.mode = mode
+
+
+def _open_regular(path):
+    """Read-only binary file object for ``path`` if it is a regular file; never blocks (FIFOs are refused).
+
+    Raises OSError from the OS, or _NotRegular(mode).
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _NotRegular(mode)
+    # O_NONBLOCK: should the path turn into a FIFO after the stat, opening it must still not wait.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    f = open(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        raise _NotRegular(mode)
+    return f
+
+
+def _read_token_bytes(path: Path) -> bytes:
+    """The bytes of ``path``, at most MAX_FILE of them; anything larger is refused unread."""
+    try:
+        with _open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE:
+                if f.read(len(MAGIC)) != MAGIC:
+                    raise TokenFileError(f"{path} is not a MuCodec token file (it does not start with {MAGIC!r}).")
+                raise TokenFileError(f"{path} is damaged: it holds {size} bytes, more than the largest token file "
+                                     f"({MAX_FILE} bytes); re-encode the audio.")
+            data = f.read(MAX_FILE + 1)  # + 1: a file that grew after fstat is still caught by decode_tokens
+    except _NotRegular as e:
+        raise TokenFileError(f"Cannot read token file {path}: it is {_kind(e.mode)}, not a regular file.") from None
+    except OSError as e:
+        raise TokenFileError(f"Cannot read token file {path}: {_reason(e)}.") from None
+    return data or b""
+
+
+def load_codes(path, *, expect=None) -> tuple[torch.Tensor, dict]:
+    """Read the token file ``path``: (codes LongTensor (1, K, T), header dict; see the module doc).
+
+    ``expect``: header fields the caller needs, e.g. ``{"codebook_size": 16384, "frame_rate": 25}``;
+    a file made otherwise is refused (before its codes are unpacked). Raises TokenFileError (one
+    sentence naming the file) when the file cannot be read, fails any check, or does not match.
+    """
+    path = Path(path)
+    return decode_tokens(_read_token_bytes(path), where=str(path), expect=expect)
+
+
+def is_token_path(path) -> bool:
+    """Whether ``path`` is named like a token file (``.mct``, any case); says nothing of its content."""
+    return Path(path).suffix.lower() == EXTENSION
+
+
+def is_token_file(path) -> bool:
+    """Whether ``path`` is a regular file starting with the token-file magic (a cheap sniff; no validation)."""
+    try:
+        with _open_regular(path) as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except (OSError, _NotRegular):
+        return False
 
 
 def save_codes(path, codes, *, frame_rate: int = 25, codebook_size: int = 16384, sample_rate: int = 48000,
                num_samples: int | None = None, original_sample_rate: int | None = None,
                original_channels: int | None = None, layer: int = 6) -> Path:
-    """Write ``codes`` (LongTensor (1, K, T), (K, T) or (T,), T >= 1) to the token file ``path``.
+    """Write ``codes`` ((1, K, T), (K, T) or (T,) integers, T >= 1) to the token file ``path``.
 
     The file is written to a temporary file beside ``path`` and renamed over it, so a failure leaves
     neither a partial file nor a damaged older one. An existing file is replaced. Returns the path.
-    Raises TokenFileError for codes that are not integers or lie outside [0, codebook_size).
+    Raises CodesError for bad codes, ArgumentError for a bad field, OutputError when writing fails.
     """
     path = Path(path)
     data = encode_tokens(codes, frame_rate=frame_rate, codebook_size=codebook_size, sample_rate=sample_rate,
@@ -250,57 +496,59 @@ def save_codes(path, codes, *, frame_rate: int = 25, codebook_size: int = 16384,
     return path
 
 
+def _temporary_name(name: str) -> str:
+    """A hidden, unique name for a temporary file beside ``name``, at most _NAME_MAX bytes long."""
+    suffix = f".{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    while name and len(os.fsencode(f".{name}{suffix}")) > _NAME_MAX:
+        name = name[:-1]  # shorten by characters, so a multi-byte character is never cut in half
+    return f".{name}{suffix}"
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    if isinstance(error, FileNotFoundError) and not path.parent.is_dir():
+        return OutputError(f"Cannot write {path}: {_reason(error)} (create the folder {path.parent} first).")
+    return OutputError(f"Cannot write {path}: {_reason(error)}.")
+
+
 @contextlib.contextmanager
 def open_atomic(path):
     """Binary file object whose content replaces ``path`` only when the block succeeds.
 
     Writes go to a hidden temporary file in the same folder (created with the usual permissions,
     0666 minus the umask), which is renamed over ``path`` at the end and removed on any failure.
+    An OSError of open_atomic's own steps (creating, closing, renaming) becomes an OutputError naming
+    ``path``; exceptions of the caller's block pass through unchanged.
     """
     path = Path(path)
     while True:
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / _temporary_name(path.name)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
             break
         except FileExistsError:
             continue
+        except OSError as e:
+            raise _output_error(path, e) from None
+    in_body = False
     try:
         with os.fdopen(fd, "wb") as f:
+            in_body = True
             yield f
+            in_body = False
         os.replace(tmp, path)
+    except OSError as e:
+        if in_body:
+            raise
+        raise _output_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def write_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    try:
-        with open_atomic(path) as f:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (OutputError)."""
+    with open_atomic(path) as f:
+        try:
             f.write(data)
-    except OSError as e:
-        raise TokenFileError(f"Cannot write {path}: {e.strerror or e}.") from None
-
-
-def load_codes(path) -> tuple[torch.Tensor, dict]:
-    """Read the token file ``path``: (codes LongTensor (1, K, T), header dict; see the module doc).
-
-    Raises TokenFileError (one sentence naming the file) when the file cannot be read or fails
-    any check.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise TokenFileError(f"Cannot read token file {path}: {e.strerror or e}.") from None
-    return decode_tokens(data, where=str(path))
-
-
-def is_token_file(path) -> bool:
-    """Whether ``path`` starts with the token-file magic (a cheap sniff; it does not validate)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
+        except OSError as e:
+            raise _output_error(Path(path), e) from None
