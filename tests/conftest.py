@@ -1,5 +1,7 @@
 """Session fixtures: checkpoint files in the official layouts, written once per test session.
 
+Shared helpers (golden data, ``max_err``, the synthetic-weight rule, tiny checkpoints) are in ``helpers.py``.
+
 ``official_ckpt_dir`` holds full-size synthetic checkpoints (the weights the golden data was made with),
 saved the way the official files are: muq.pt as a fairseq checkpoint (``cfg`` + ``model`` with the
 ``model.`` prefix, plus pickled non-tensor objects as fairseq writes them), mucodec.pt as a flat state
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import synthetic
+import helpers
 
 FILES = {"audioldm": "tools/audioldm_48k.pth", "muq": "muq_dev/muq.pt", "mucodec": "ckpt/mucodec.pt"}
 
@@ -31,7 +33,7 @@ def write_official_checkpoints(folder: Path) -> Path:
 
     path = folder / FILES["muq"]
     if not path.exists():
-        model = synthetic.state_dict("muq")
+        model = helpers.state_dict("muq")
         ckpt = {
             # fairseq stores its config as plain containers, and pickles other objects beside it.
             "args": argparse.Namespace(arch="muq", seed=1),
@@ -46,12 +48,12 @@ def write_official_checkpoints(folder: Path) -> Path:
 
     path = folder / FILES["mucodec"]
     if not path.exists():
-        _save(synthetic.state_dict("mucodec"), path)
+        _save(helpers.state_dict("mucodec"), path)
 
     path = folder / FILES["audioldm"]
     if not path.exists():
-        sd = {"first_stage_model." + k: v for k, v in synthetic.state_dict("audioldm_48k").items()}
-        sd["scale_factor"] = torch.tensor(synthetic.SCALE_FACTOR)
+        sd = {"first_stage_model." + k: v for k, v in helpers.state_dict("audioldm_48k").items()}
+        sd["scale_factor"] = torch.tensor(helpers.SCALE_FACTOR)
         _save({"state_dict": sd}, path)
         del sd
     gc.collect()
@@ -90,9 +92,7 @@ def full_codec(official_ckpt_dir):
 @pytest.fixture(scope="session")
 def tiny_ckpt_dir(tmp_path_factory) -> Path:
     """Tiny checkpoints in the official layout (same code and time structure, tiny widths)."""
-    from tiny import write_tiny_checkpoints
-
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_ckpt"))
+    return helpers.write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_ckpt"))
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,13 @@
 """MuQ encoder against the reference's muq_layer golden data (synthetic full-size weights)."""
 import re
 
-import numpy as np
 import pytest
 import torch
 
-import synthetic
+import helpers
+from helpers import golden, max_err
 from mucodec.errors import CheckpointError
 from mucodec.muq import MuQConfig, MuQEncoder
-from synthetic import golden
 
 NUM_LAYERS = 6  # MuCodec(layer_num=7) uses hidden_states[6]
 # README "Suggested tolerances": front end <= 1e-4 abs on normalised values / 1e-3 dB;
@@ -19,7 +18,7 @@ MEL_DB_TOL, FRONT_TOL, HIDDEN_TOL = 1e-3, 1e-4, 1e-4
 def build_muq_full() -> MuQEncoder:
     model = MuQEncoder(MuQConfig(), num_layers=NUM_LAYERS)
     keys = set(model.state_dict())
-    sd = synthetic.state_dict("muq", prefix="model.", strip="model.", select=lambda n: n[len("model."):] in keys)
+    sd = helpers.state_dict("muq", prefix="model.", strip="model.", select=lambda n: n[len("model."):] in keys)
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -32,6 +31,7 @@ def muq_full(encoder_codec):
 
 @pytest.fixture(scope="module")
 def muq_layer():
+    # tests/data keeps hidden_states 0..NUM_LAYERS only: the layers MuCodec computes and these tests compare
     return golden("muq_layer")
 
 
@@ -41,15 +41,10 @@ def muq_run(muq_full, muq_layer):
     return muq_full(torch.from_numpy(muq_layer["wav_24k"]), return_all=True)
 
 
-def _max_err(ours, ref):
-    assert tuple(ours.shape) == ref.shape
-    return float(np.abs(ours.numpy().astype(np.float64) - ref).max())
-
-
 def test_state_dict_is_muq_pt_minus_unused(muq_full):
     """Exactly conv.* and conformer.layers.0-5.* of muq.pt, same shapes, nothing else."""
     wanted = re.compile(r"model\.(conv\.|conformer\.layers\.[0-5]\.)")
-    ref = {e["name"][len("model."):]: tuple(e["shape"]) for e in synthetic.manifest("muq")["entries"]
+    ref = {e["name"][len("model."):]: tuple(e["shape"]) for e in helpers.manifest("muq")["entries"]
            if wanted.match(e["name"])}
     ours = {k: tuple(v.shape) for k, v in muq_full.state_dict().items()}
     assert ours == ref
@@ -58,23 +53,23 @@ def test_state_dict_is_muq_pt_minus_unused(muq_full):
 def test_front_end(muq_run, muq_layer):
     # truncation to a multiple of 960 samples is a slice: exact
     assert torch.equal(muq_run["muq_source_24k"], torch.from_numpy(muq_layer["muq_source_24k"]))
-    assert _max_err(muq_run["mel_db"], muq_layer["mel_db"]) <= MEL_DB_TOL
-    assert _max_err(muq_run["mel_norm"], muq_layer["mel_norm"]) <= FRONT_TOL
+    assert max_err(muq_run["mel_db"], muq_layer["mel_db"]) <= MEL_DB_TOL
+    assert max_err(muq_run["mel_norm"], muq_layer["mel_norm"]) <= FRONT_TOL
 
 
 def test_conv_subsampling(muq_run, muq_layer):
-    assert _max_err(muq_run["conv_out"], muq_layer["conv_out"]) <= HIDDEN_TOL
+    assert max_err(muq_run["conv_out"], muq_layer["conv_out"]) <= HIDDEN_TOL
 
 
 @pytest.mark.parametrize("k", range(NUM_LAYERS + 1))
 def test_hidden_states(muq_run, muq_layer, k):
-    assert _max_err(muq_run["hidden_states"][k], muq_layer["hidden_states"][k]) <= HIDDEN_TOL
+    assert max_err(muq_run["hidden_states"][k], muq_layer["hidden_states"][k]) <= HIDDEN_TOL
 
 
 def test_plain_forward_is_last_hidden_state(muq_full, muq_run, muq_layer):
     out = muq_full(torch.from_numpy(muq_layer["wav_24k"]))
     assert torch.equal(out, muq_run["hidden_states"][NUM_LAYERS])
-    assert _max_err(out.permute(0, 2, 1), muq_layer["muencoder_emb"]) <= HIDDEN_TOL
+    assert max_err(out.permute(0, 2, 1), muq_layer["muencoder_emb"]) <= HIDDEN_TOL
 
 
 def test_codes_end_to_end(muq_run, muq_layer, encoder_codec):
@@ -83,7 +78,7 @@ def test_codes_end_to_end(muq_run, muq_layer, encoder_codec):
     codes, z_e = quantizer.encode(muq_run["hidden_states"][NUM_LAYERS].permute(0, 2, 1))
     assert torch.equal(codes, torch.from_numpy(muq_layer["codes"]))
     assert torch.equal(codes, torch.from_numpy(muq_layer["rvq_codes_fwd"]))
-    assert _max_err(z_e, muq_layer["rvq_z_e"]) <= HIDDEN_TOL  # a projection of hidden_states[6]
+    assert max_err(z_e, muq_layer["rvq_z_e"]) <= HIDDEN_TOL  # a projection of hidden_states[6]
 
 
 def test_rotary_inv_freq_is_computed_and_exact(muq_full):

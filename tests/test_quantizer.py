@@ -1,14 +1,13 @@
 """Quantizer (descript_quantize3 VectorQuantize) against muq_layer / rvq_cond golden data."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import synthetic
+import helpers
+from helpers import golden, max_err
 from mucodec.checkpoint import fold_weight_norm
 from mucodec.errors import TokenFileError
 from mucodec.quantizer import Quantizer, QuantizerConfig
-from synthetic import golden
 
 PREFIX = "rvq_muencoder_emb.quantizers.0."
 # README "Suggested tolerances": RVQ codes exact; cond / from_codes <= 1e-5. z_e is a single
@@ -17,7 +16,7 @@ TOL = 1e-5
 
 
 def build_quantizer_full() -> Quantizer:
-    sd = fold_weight_norm(synthetic.state_dict("mucodec", prefix=PREFIX, strip=PREFIX))
+    sd = fold_weight_norm(helpers.state_dict("mucodec", prefix=PREFIX, strip=PREFIX))
     sd.pop("stale_counter")  # training-only buffer of the official module
     quantizer = Quantizer(QuantizerConfig())
     quantizer.load_state_dict(sd, strict=True)
@@ -40,11 +39,6 @@ def muq_layer():
     return golden("muq_layer")
 
 
-def _max_err(ours, ref):
-    assert tuple(ours.shape) == ref.shape
-    return float(np.abs(ours.numpy().astype(np.float64) - ref).max())
-
-
 def test_state_dict_names():
     assert set(Quantizer().state_dict()) == {
         "in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias", "codebook.weight"}
@@ -54,25 +48,25 @@ def test_encode_golden_embedding(quantizer_full, muq_layer):
     codes, z_e = quantizer_full.encode(torch.from_numpy(muq_layer["muencoder_emb"]))
     assert codes.dtype == torch.int64
     assert torch.equal(codes, torch.from_numpy(muq_layer["codes"]))
-    assert _max_err(z_e, muq_layer["rvq_z_e"]) <= TOL
+    assert max_err(z_e, muq_layer["rvq_z_e"]) <= TOL
     z_q, _ = quantizer_full.from_codes(codes)
     # the reference's forward computes out_proj(z_e + (z_q - z_e)): equal to out_proj(z_q) up to rounding
-    assert _max_err(z_q, muq_layer["rvq_z_q"]) <= TOL
+    assert max_err(z_q, muq_layer["rvq_z_q"]) <= TOL
 
 
 def test_encode_random_embedding(quantizer_full, muq_layer):
     """100 distinct codes (the MuQ case has only 6)."""
     codes, z_e = quantizer_full.encode(torch.from_numpy(muq_layer["rand_emb"]))
     assert torch.equal(codes, torch.from_numpy(muq_layer["rand_codes"]))
-    assert _max_err(z_e, muq_layer["rand_z_e"]) <= TOL
-    assert _max_err(quantizer_full.from_codes(codes)[0], muq_layer["rand_z_q"]) <= TOL
+    assert max_err(z_e, muq_layer["rand_z_e"]) <= TOL
+    assert max_err(quantizer_full.from_codes(codes)[0], muq_layer["rand_z_q"]) <= TOL
 
 
 def test_from_codes_golden(quantizer_full):
     ref = golden("rvq_cond")
     z_q, z_p = quantizer_full.from_codes(torch.from_numpy(ref["codes"]))
-    assert _max_err(z_q, ref["from_codes_z_q"]) <= TOL
-    assert _max_err(z_p, ref["from_codes_z_p"]) <= TOL
+    assert max_err(z_q, ref["from_codes_z_q"]) <= TOL
+    assert max_err(z_p, ref["from_codes_z_p"]) <= TOL
 
 
 def _tiny():

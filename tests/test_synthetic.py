@@ -1,20 +1,13 @@
 """The synthetic-weight rule reproduces the checksums the reference recorded."""
-import json
-
 import pytest
 import torch
 
-from synthetic import REFERENCE, entries, synth
-
-
-def _checksums():
-    with open(REFERENCE / "synthetic_checksums.json") as f:
-        return json.load(f)
+from helpers import checksums, entries, synth
 
 
 @pytest.mark.parametrize("which", ["muq", "mucodec", "audioldm_48k"])
 def test_rule_matches_reference_checksums(which):
-    sums = _checksums()[f"{which}.json"]
+    sums = checksums()[f"{which}.json"]
     small = [(n, s, d) for n, s, d in entries(which) if torch.Size(s).numel() <= 4_000_000]
     checked = 0
     for name, shape, dtype in small:
