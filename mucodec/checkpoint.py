@@ -1,10 +1,14 @@
-"""Checkpoint loading: safe unpickling, name mapping, shape validation and hub download.
+"""Checkpoint loading: safe unpickling, the name-mapping table, size/shape validation and hub download.
 
 The three official files and where a user puts them (the official repository layout)::
 
     tools/audioldm_48k.pth   {'state_dict': {'first_stage_model.<name>': tensor, ..., 'scale_factor': tensor}}
-    muq_dev/muq.pt           fairseq checkpoint {'cfg': {...}, 'model': {'model.<name>': tensor}, ...}
-    ckpt/mucodec.pt          flat state dict of the codec (may also carry a 'muencoder.*' copy of MuQ)
+    muq_dev/muq.pt           fairseq checkpoint {'cfg': {'model': {...}}, 'model': {'model.<name>': tensor}, ...}
+    ckpt/mucodec.pt          flat state dict of the codec (may also carry a 'muencoder.model.*' copy of MuQ)
+
+How each model stage is read from them is one table, :data:`STAGES`; :class:`Checkpoints` applies it:
+every file is checked (a regular, readable file of the right kind), every size stored in a file is
+validated, and every tensor a stage needs is checked against those sizes before a module is built.
 
 Nothing here ever executes code from a file: ``torch.load(weights_only=True)`` is tried first, and a
 file that pickles other objects (fairseq configs, meters, optimizer state) is read by a restricted
@@ -13,15 +17,27 @@ placeholder.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import math
+import operator
 import os
 import pickle
+import stat
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import CheckpointError
+from .flow import FlowDecoder, FlowDecoderConfig
+from .muq import MuQConfig, MuQEncoder
+from .quantizer import Quantizer, QuantizerConfig
+from .vae import MelVAE, VAEConfig
+from .vocoder import HiFiGAN, VocoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +49,11 @@ FILES = {
     "muq": "muq_dev/muq.pt",
     "mucodec": "ckpt/mucodec.pt",
 }
+KINDS = {
+    "audioldm": "an AudioLDM-48k checkpoint (audioldm_48k.pth)",
+    "muq": "a MuQ checkpoint (muq.pt)",
+    "mucodec": "a MuCodec checkpoint (mucodec.pt)",
+}
 # Optional entry a checkpoint may carry to describe non-official sizes (tiny test models, retrained models).
 CONFIG_KEY = "mucodec_config"
 
@@ -40,11 +61,15 @@ CONFIG_KEY = "mucodec_config"
 # --------------------------------------------------------------------------------------------------
 # Finding the files
 # --------------------------------------------------------------------------------------------------
+def _put_them(folder="the checkpoint folder") -> str:
+    return (f"download audioldm_48k.pth, muq.pt and mucodec.pt from {HUB_URL} and save them as "
+            f"{', '.join(FILES.values())} in {folder}")
+
+
 def _missing_message(folder: Path, missing: list[str]) -> str:
     return (
-        f"MuCodec checkpoint file(s) {', '.join(missing)} not found under {folder}: download "
-        f"audioldm_48k.pth, muq.pt and mucodec.pt from {HUB_URL} and save them as "
-        f"{', '.join(FILES.values())} in that folder (or pass the hub id {DEFAULT_REPO} with network access)."
+        f"MuCodec checkpoint file(s) {', '.join(missing)} not found under {folder}: {_put_them('that folder')} "
+        f"(or pass the hub id {DEFAULT_REPO} with network access)."
     )
 
 
@@ -53,41 +78,79 @@ def _looks_like_repo_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not os.path.exists(s) and not s.startswith((".", "~"))
 
 
-def resolve_files(path_or_repo: str | os.PathLike, roles=("audioldm", "muq", "mucodec")) -> dict[str, Path]:
-    """Local paths of the checkpoint files a model needs: ``{role: Path}``.
+def resolve_files(path_or_repo: str | os.PathLike, roles=("audioldm", "muq", "mucodec"),
+                  revision: str | None = None) -> dict[str, Path]:
+    """Local paths of the checkpoint files a model needs: ``{role: Path}``, each checked by :func:`check_file`.
 
     ``path_or_repo`` is a folder in the official layout, or a hub repo id whose files are downloaded
-    into the huggingface_hub cache (``HF_HOME``, ``HF_HUB_OFFLINE`` are honoured).
+    into the huggingface_hub cache (``HF_HOME``, ``HF_HUB_OFFLINE`` are honoured) at ``revision``
+    (a branch, tag or commit; the default branch when None). ``revision`` has no meaning for a folder.
     """
     s = os.fspath(path_or_repo)
-    if not _looks_like_repo_id(s):
+    if _looks_like_repo_id(s):
+        paths = _download(s, roles, revision)
+    else:
         folder = Path(s).expanduser()
         paths = {r: folder / FILES[r] for r in roles}
-        missing = [FILES[r] for r, p in paths.items() if not p.is_file()]
+        missing = [FILES[r] for r, p in paths.items() if not os.path.lexists(p)]
         if missing:
             raise CheckpointError(_missing_message(folder, missing))
-        return paths
-    return _download(s, roles)
+    for p in paths.values():  # every file before any is read: a bad one is reported before minutes of loading
+        check_file(p)
+    return paths
 
 
-def _download(repo_id: str, roles) -> dict[str, Path]:
+def _download(repo_id: str, roles, revision: str | None) -> dict[str, Path]:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # pragma: no cover - it is a declared dependency
         raise CheckpointError(f"huggingface_hub is needed to download {repo_id}: pip install huggingface_hub.") from e
+    at = f" at revision {revision!r}" if revision is not None else ""
     paths = {}
     for role in roles:
         name = os.path.basename(FILES[role])
         try:
-            paths[role] = Path(hf_hub_download(repo_id=repo_id, filename=name))
-        except Exception as e:  # network down, offline mode, unknown repo, missing file ...
+            paths[role] = Path(hf_hub_download(repo_id=repo_id, filename=name, revision=revision))
+        except Exception as e:  # network down, offline mode, unknown repo or revision, missing file ...
             raise CheckpointError(
-                f"Could not get {name} from the hub repo {repo_id} ({type(e).__name__}); without network access, "
-                f"download audioldm_48k.pth, muq.pt and mucodec.pt from {HUB_URL} and save them as "
-                f"{', '.join(FILES.values())} in the MuCodec folder (beside generate.py) or in a folder you pass "
-                f"as the checkpoint path."
+                f"Could not get {name} from the hub repo {repo_id}{at} ({type(e).__name__}); without network "
+                f"access, {_put_them('the MuCodec folder (beside generate.py) or in a folder you pass as the checkpoint path')}."
             ) from None
     return paths
+
+
+def check_file(path: str | os.PathLike) -> None:
+    """Raise a CheckpointError saying what the OS says about ``path`` unless it is a readable regular file.
+
+    Uses ``os.stat`` first, so a FIFO or device is reported, never opened (opening a FIFO would hang).
+    """
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(f"Checkpoint {path} does not exist: download it from {HUB_URL} and save it there.") from None
+    except OSError as e:
+        raise _os_error(path, e) from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file"
+        raise CheckpointError(
+            f"{path} is not a regular file (it is {what}): put the checkpoint file itself at that path "
+            f"(download it from {HUB_URL})."
+        )
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as e:
+        raise _os_error(path, e) from None
+
+
+def _os_error(path, e: OSError) -> CheckpointError:
+    if isinstance(e, PermissionError):
+        return CheckpointError(
+            f"{path} cannot be read: permission denied; give your user read access to it (e.g. chmod a+r) "
+            f"or copy it to a folder you can read."
+        )
+    return CheckpointError(f"{path} cannot be read: {e.strerror or e}; check the disk and the file, or download it "
+                           f"again from {HUB_URL}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,33 +202,73 @@ class _RestrictedPickle:
     __name__ = "mucodec_restricted_pickle"
 
 
-def read_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> dict:
+@contextlib.contextmanager
+def _explicit_weights_only():
+    """Make torch.load do what each call here asks for.
+
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` turns the restricted-unpickler fallback into an error (torch
+    refuses any pickle_module then), so an intact fairseq muq.pt would look damaged. Lifting it is
+    safe because neither call here can run code from the file: one is torch's weights-only load,
+    the other the restricted unpickler above. The variables are read by torch on every call.
+    """
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("TORCH_FORCE_") and "WEIGHTS_ONLY" in k}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def read_checkpoint(path: str | os.PathLike, role: str | None = None) -> dict:
     """Load a checkpoint file into plain dicts of CPU tensors, never executing code from it.
 
     Tensors are memory-mapped where the file format allows, so entries that are never used (training
-    state, unused layers) are never read from disk.
+    state, unused layers) are never read from disk. With ``role`` (a key of :data:`FILES`) the file
+    must also be that kind of checkpoint (:func:`kind_of`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist: download it from {HUB_URL} and save it there.")
+    check_file(path)
     damaged = (
         f"{path} is not a readable PyTorch checkpoint (damaged or incomplete download?): "
         f"download it again from {HUB_URL}."
     )
     mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        # Not only tensors (e.g. fairseq meters or omegaconf objects): read it with placeholders instead.
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=_RestrictedPickle)
-        except Exception as e:
-            raise CheckpointError(damaged) from e
+        with _explicit_weights_only():
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except pickle.UnpicklingError:
+                # Not only tensors (e.g. fairseq meters or omegaconf objects): read it with placeholders instead.
+                obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap,
+                                 pickle_module=_RestrictedPickle)
+    except OSError as e:
+        if isinstance(e, PermissionError) or e.errno is not None:
+            raise _os_error(path, e) from None
+        raise CheckpointError(damaged) from e
     except Exception as e:
         raise CheckpointError(damaged) from e
+    what = KINDS.get(role, f"a MuCodec {role or 'checkpoint'} file")
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict: it is not a MuCodec {role} file.")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict: it is not {what}; "
+                              f"{_put_them()}.")
+    if role in FILES:
+        kind = kind_of(obj)
+        if kind != role:
+            held = f"holds {KINDS[kind]}" if kind else "is none of the three MuCodec checkpoints"
+            raise CheckpointError(f"{path} {held}, where {KINDS[role]} belongs; put the files in their places: "
+                                  f"{_put_them()}.")
     return obj
+
+
+def kind_of(obj: dict) -> str | None:
+    """Which of the three files ``obj`` is, recognised by its keys (None: none of them)."""
+    names = state_dict_of(obj)
+    if any(k.startswith(("cfm_wrapper.estimator.", "rvq_muencoder_emb.")) for k in names):
+        return "mucodec"
+    if any(k.startswith("first_stage_model.") for k in names):
+        return "audioldm"
+    if any(k.startswith("model.") for k in _tensors(obj.get("model"))):
+        return "muq"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,6 +319,38 @@ def fold_weight_norm(state: dict) -> dict:
     return out
 
 
+def _check_shapes(expected: dict, state: dict, where: Callable) -> None:
+    """Every tensor of ``expected`` ({name: tensor or shape}) is in ``state`` with that shape.
+
+    ``where(name)`` gives (file, name in that file) for the message.
+    """
+    for name, ref in expected.items():
+        shape = tuple(ref.shape)
+        got = state.get(name)
+        path, in_file = where(name)
+        if got is None:
+            raise CheckpointError(
+                f"{path} lacks the tensor '{in_file}' (expected shape {shape}): it is not a complete "
+                f"MuCodec checkpoint; download it again from {HUB_URL}."
+            )
+        if tuple(got.shape) != shape:
+            raise CheckpointError(
+                f"{path} has '{in_file}' of shape {tuple(got.shape)} where {shape} is expected: "
+                f"it does not belong to this model; use the official file from {HUB_URL}."
+            )
+
+
+def _assign(module: torch.nn.Module, state: dict, path) -> torch.nn.Module:
+    expected = module.state_dict()
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        log.debug("%s: %d entries not needed at inference (e.g. %s)", path, len(extra), extra[:3])
+    # assign=True adopts the (memory-mapped) checkpoint tensors instead of copying them into the
+    # placeholder parameters the module was built with.
+    module.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
+    return module
+
+
 def load_module(module: torch.nn.Module, state: dict, path, prefix="") -> torch.nn.Module:
     """Load ``state`` (names relative to ``module``) into ``module``, checking every tensor it needs.
 
@@ -224,26 +359,8 @@ def load_module(module: torch.nn.Module, state: dict, path, prefix="") -> torch.
     missing or misshaped entry raises one clear CheckpointError.
     """
     in_file = prefix if callable(prefix) else (lambda name: prefix + name)
-    expected = module.state_dict()
-    for name, ref in expected.items():
-        got = state.get(name)
-        if got is None:
-            raise CheckpointError(
-                f"{path} lacks the tensor '{in_file(name)}' (expected shape {tuple(ref.shape)}): it is not a complete "
-                f"MuCodec checkpoint; download it again from {HUB_URL}."
-            )
-        if tuple(got.shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{path} has '{in_file(name)}' of shape {tuple(got.shape)} where {tuple(ref.shape)} is expected: "
-                f"it does not belong to this model; use the official file from {HUB_URL}."
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        log.debug("%s: %d entries not needed at inference (e.g. %s)", path, len(extra), [in_file(k) for k in extra[:3]])
-    # assign=True adopts the (memory-mapped) checkpoint tensors instead of copying them into the
-    # placeholder parameters the module was built with.
-    module.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
-    return module
+    _check_shapes(module.state_dict(), state, lambda name: (path, in_file(name)))
+    return _assign(module, state, path)
 
 
 class skip_init:
@@ -267,7 +384,282 @@ class skip_init:
             setattr(torch.nn.init, n, f)
 
 
-def config_of(obj: dict) -> dict:
-    """The optional ``mucodec_config`` entry (sizes of a non-official model), else {}."""
-    cfg = obj.get(CONFIG_KEY)
-    return cfg if isinstance(cfg, dict) else {}
+# --------------------------------------------------------------------------------------------------
+# Sizes stored in a file
+# --------------------------------------------------------------------------------------------------
+# Generous upper bounds: a size past them cannot be a real model and would allocate without limit.
+INT_LIMIT = 1 << 16
+INT_LIMITS = {"sample_rate": 1_000_000, "sampling_rate": 1_000_000, "encoder_window": 1 << 28,
+              "codebook_size": 1 << 24, "encoder_depth": 1024, "num_layers": 1024, "num_res_blocks": 64}
+CAN_BE_ZERO = {"encoder_window_extra"}
+FLOAT_LIMIT = 1e9
+SEQUENCE_LIMIT = 16
+
+
+def make_config(cls, d, path, key: str):
+    """``cls`` (a config dataclass) from the plain dict ``d`` read at ``key`` of the file ``path``.
+
+    Every known value is checked against the type and range of its default (ints positive and
+    bounded, floats finite, tuples short and of the right items, nested configs as dicts); unknown
+    keys are ignored and None means the default. Raises one CheckpointError naming file and key.
+    """
+    if d is None:
+        return cls()
+    if not isinstance(d, dict):
+        raise _bad_size(path, key, d, "a dict of sizes")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        v = d.get(f.name)
+        if v is None:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kwargs[f.name] = _size_value(v, default, f.name, path, f"{key}[{f.name!r}]")
+    try:
+        return cls(**kwargs)
+    except (ValueError, CheckpointError) as e:  # a config's own consistency checks
+        raise CheckpointError(f"{path}: the sizes in {key} do not fit together ({str(e).rstrip('.')}); use the official file "
+                              f"from {HUB_URL}.") from None
+
+
+def _size_value(v, default, name, path, key):
+    if dataclasses.is_dataclass(default):
+        return make_config(type(default), v, path, key)
+    if isinstance(default, tuple):
+        if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= SEQUENCE_LIMIT:
+            raise _bad_size(path, key, v, f"a list of 1 to {SEQUENCE_LIMIT} items")
+        return tuple(_size_value(x, default[0], name, path, f"{key}[{i}]") for i, x in enumerate(v))
+    if isinstance(default, int):
+        low, high = (0 if name in CAN_BE_ZERO else 1), INT_LIMITS.get(name, INT_LIMIT)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            kind = "a non-negative" if low == 0 else "a positive"
+            raise _bad_size(path, key, v, f"{kind} integer no larger than {high}")
+        return v
+    if isinstance(default, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > FLOAT_LIMIT:
+            raise _bad_size(path, key, v, f"a finite number of magnitude at most {FLOAT_LIMIT:g}")
+        return float(v)
+    return v
+
+
+def _bad_size(path, key, v, must) -> CheckpointError:
+    shown = repr(v) if len(repr(v)) <= 60 else f"a {type(v).__name__}"
+    return CheckpointError(f"{path}: {key} is {shown}; it must be {must}: the sizes stored in this file are "
+                           f"damaged or not MuCodec's, so use the official file from {HUB_URL}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# The table: how each model stage is read from the files
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """How one module is read.
+
+    ``sources``: (file role, prefix in the file, prefix in the module); later sources overwrite
+    earlier ones, as the official non-strict load of mucodec.pt puts its MuQ copy over muq.pt's.
+    ``sizes``: (file role, section of its ``mucodec_config``, config class); section None is the
+    fairseq ``cfg['model']``. ``probes``: (size, tensor, dim) pairs compared before a module that
+    cannot be built on the meta device is built for real.
+    """
+
+    sources: tuple
+    sizes: tuple
+    build: Callable  # (config, Checkpoints) -> nn.Module
+    fold_weight_norm: bool = False
+    probes: tuple = ()
+
+
+def _muq(cfg: MuQConfig, c: "Checkpoints"):
+    layer = c.layer
+    if not isinstance(layer, bool):
+        with contextlib.suppress(TypeError):
+            layer = operator.index(layer)  # numpy and torch integers too, but never a float
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 < layer <= cfg.encoder_depth:
+        raise CheckpointError(f"layer {layer!r} does not exist in {c.files['muq']}: use 1..{cfg.encoder_depth}.")
+    if cfg.encoder_dim % cfg.num_attention_heads:
+        raise CheckpointError(f"{c.files['muq']}: cfg['model']['num_attention_heads'] is {cfg.num_attention_heads}, "
+                              f"which does not divide encoder_dim {cfg.encoder_dim}; use the official file from {HUB_URL}.")
+    return MuQEncoder(cfg, num_layers=layer)
+
+
+STAGES = {
+    "muq": Stage(
+        sources=(("muq", "model.", ""), ("mucodec", "muencoder.model.", "")),
+        sizes=("muq", None, MuQConfig), build=_muq,
+        probes=(("conv_dim", "conv.conv.0.conv1.weight", 0), ("encoder_dim", "conv.linear.weight", 0),
+                ("intermediate_size", "conformer.layers.0.ffn1.intermediate_dense.weight", 0),
+                ("conv_depthwise_kernel_size", "conformer.layers.0.conv_module.depthwise_conv.weight", 2))),
+    "quantizer": Stage(
+        sources=(("mucodec", "rvq_muencoder_emb.quantizers.0.", ""),),
+        sizes=("mucodec", "quantizer", QuantizerConfig), build=lambda cfg, c: Quantizer(cfg), fold_weight_norm=True,
+        probes=(("input_dim", "in_proj.weight", 1), ("codebook_dim", "in_proj.weight", 0),
+                ("codebook_size", "codebook.weight", 0))),
+    "flow": Stage(
+        sources=(("mucodec", "cfm_wrapper.estimator.", "estimator."), ("mucodec", "normfeat.", "normfeat."),
+                 ("mucodec", "cond_muencoder_emb.", "cond_muencoder_emb."),
+                 ("mucodec", "zero_cond_embedding1", "zero_cond_embedding1")),
+        sizes=("mucodec", "flow", FlowDecoderConfig), build=lambda cfg, c: FlowDecoder(cfg)),
+    "vae": Stage(  # the decoder half: code2sound
+        sources=(("audioldm", "first_stage_model.", ""),),
+        sizes=("audioldm", "vae", VAEConfig),
+        build=lambda cfg, c: MelVAE(cfg, c.scale_factor(), with_encoder=False, with_decoder=True)),
+    "vae_encoder": Stage(  # the encoder half: prompts only, loaded on the first one
+        sources=(("audioldm", "first_stage_model.", ""),),
+        sizes=("audioldm", "vae", VAEConfig),
+        build=lambda cfg, c: MelVAE(cfg, c.scale_factor(), with_encoder=True, with_decoder=False)),
+    "vocoder": Stage(
+        sources=(("audioldm", "first_stage_model.vocoder.", ""),),
+        sizes=("audioldm", "vocoder", VocoderConfig), build=lambda cfg, c: HiFiGAN(cfg)),
+}
+ENCODER_STAGES = ("muq", "quantizer")
+DECODER_STAGES = ("flow", "vae", "vocoder")
+
+
+def roles_of(stages) -> tuple:
+    """The files (roles of :data:`FILES`) the stages read, in FILES order."""
+    used = {role for s in stages for role, _, _ in STAGES[s].sources} | {STAGES[s].sizes[0] for s in stages}
+    return tuple(r for r in FILES if r in used)
+
+
+class Checkpoints:
+    """The checkpoint files of one model, each read once on first use and checked to be the right kind.
+
+    ``layer``: the MuQ hidden state the codes are taken from (needed by the "muq" stage).
+    """
+
+    def __init__(self, files: dict, layer: int | None = None):
+        self.files = {role: Path(p) for role, p in files.items()}
+        self.layer = layer
+        self._objs = {}
+
+    def obj(self, role: str) -> dict:
+        if role not in self._objs:
+            if role not in self.files:
+                raise CheckpointError(f"{FILES[role]} was not loaded: {_put_them()}.")
+            self._objs[role] = read_checkpoint(self.files[role], role)
+        return self._objs[role]
+
+    def sizes(self, role: str, section: str | None, cls):
+        """The validated config ``cls`` stored in the file ``role``: ``mucodec_config[section]``, or
+        for section None the fairseq ``cfg['model']`` (defaults where the file stores none)."""
+        obj, path = self.obj(role), self.files[role]
+        if section is None:
+            # A config object pickled as such (not fairseq's plain containers) was read as a placeholder:
+            # it holds no sizes we can read, so the defaults apply and the tensor checks still guard them.
+            cfg = None if isinstance(obj.get("cfg"), _Opaque) else obj.get("cfg")
+            if cfg is not None and not isinstance(cfg, dict):
+                raise _bad_size(path, "cfg", cfg, "a dict (a fairseq config)")
+            model = None if isinstance((cfg or {}).get("model"), _Opaque) else (cfg or {}).get("model")
+            make_config(cls, model, path, "cfg['model']")  # validates every field MuQ reads
+            try:
+                return cls.from_fairseq(model) if model is not None else cls()
+            except CheckpointError as e:
+                raise CheckpointError(e.args[0] if str(path) in e.args[0] else f"{path}: {e.args[0]}") from None
+        sizes = obj.get(CONFIG_KEY)
+        if sizes is not None and not isinstance(sizes, dict):
+            raise _bad_size(path, CONFIG_KEY, sizes, "a dict of sizes")
+        return make_config(cls, (sizes or {}).get(section), path, f"{CONFIG_KEY}[{section!r}]")
+
+    def scale_factor(self) -> float:
+        """The VAE latent scaling stored beside the weights in audioldm_48k.pth."""
+        path, t = self.files["audioldm"], state_dict_of(self.obj("audioldm")).get("scale_factor")
+        if t is None:
+            raise CheckpointError(f"{path} lacks the tensor 'scale_factor': it is not the AudioLDM-48k checkpoint "
+                                  f"MuCodec uses; download it again from {HUB_URL}.")
+        if t.numel() != 1 or not t.is_floating_point() or not math.isfinite(float(t)) or float(t) <= 0:
+            raise CheckpointError(f"{path}: 'scale_factor' must be one positive finite number, got "
+                                  f"{tuple(t.shape)} {t.dtype}; download the file again from {HUB_URL}.")
+        return float(t)
+
+    def source(self, name: str) -> str:
+        """The file(s) stage ``name`` was read from, for messages about its weights."""
+        used = [str(self.files[role]) for role, prefix, _ in STAGES[name].sources
+                if role in self.files and any(k.startswith(prefix) for k in state_dict_of(self.obj(role)))]
+        return " and ".join(dict.fromkeys(used)) or str(self.files[STAGES[name].sources[0][0]])
+
+    def sources(self, names) -> dict[str, str]:
+        """{file role or stage: the file(s) it was read from}, so an error about a module's output can name
+        the file to replace (a stage read from two files names both)."""
+        return {**{role: str(p) for role, p in self.files.items()}, **{n: self.source(n) for n in names}}
+
+    def load(self, names) -> dict[str, torch.nn.Module]:
+        """Build and load the stages ``names``; every file, size and tensor is checked before any is built."""
+        plans = {name: self._plan(name) for name in names}
+        return {name: self._build(name, *plan) for name, plan in plans.items()}
+
+    # ----------------------------------------------------------------------------------------------
+    def _plan(self, name: str):
+        stage = STAGES[name]
+        cfg = self.sizes(*stage.sizes)
+        state, origin = {}, {}
+        for role, prefix, new in stage.sources:
+            part = subdict(state_dict_of(self.obj(role)), prefix, new)
+            state.update(part)
+            origin.update({k: (self.files[role], prefix + k[len(new):]) for k in part})
+        if stage.fold_weight_norm:
+            try:
+                state = fold_weight_norm(state)
+            except RuntimeError:
+                raise CheckpointError(f"{self.files[stage.sources[0][0]]}: the weight-norm pairs under "
+                                      f"'{stage.sources[0][1]}' do not fit together; download the file again "
+                                      f"from {HUB_URL}.") from None
+
+        def where(k):
+            if k in origin:
+                return origin[k]
+            role, prefix, new = max((s for s in stage.sources if k.startswith(s[2])), key=lambda s: len(s[2]),
+                                    default=stage.sources[0])
+            return self.files[role], prefix + k[len(new):]
+
+        for key, tensor, dim in stage.probes:
+            got, want = state.get(tensor), getattr(cfg, key)
+            if got is not None and got.dim() > dim and got.shape[dim] != want:
+                path, in_file = where(tensor)
+                sizes_path = self.files[stage.sizes[0]]
+                there = "" if path == sizes_path else f" in {path}"
+                raise CheckpointError(
+                    f"{sizes_path}: {self._size_key(stage, key)} is {want}, but '{in_file}'{there} has size "
+                    f"{got.shape[dim]} on dim {dim}; the sizes do not match the weights: use the official files "
+                    f"from {HUB_URL}.")
+        expected = self._meta_shapes(stage, cfg)
+        if expected is not None:
+            _check_shapes(expected, state, where)
+        return cfg, state, where
+
+    @staticmethod
+    def _size_key(stage, key):
+        return f"cfg['model'][{key!r}]" if stage.sizes[1] is None else f"{CONFIG_KEY}[{stage.sizes[1]!r}][{key!r}]"
+
+    def _meta_shapes(self, stage, cfg):
+        """Parameter shapes of the stage built on the meta device (no memory), or None where the module
+        computes a buffer from data while it is built (MuQ's mel filterbank): that one relies on its probes."""
+        try:
+            with torch.device("meta"):
+                module = self._construct(stage, cfg)
+        except NotImplementedError:
+            return None
+        except RuntimeError as e:
+            if "meta" not in str(e):
+                raise
+            return None
+        return module.state_dict()
+
+    def _construct(self, stage, cfg):
+        try:
+            with skip_init():
+                return stage.build(cfg, self)
+        except ValueError as e:  # a module's own consistency checks of its sizes
+            section = "cfg['model']" if stage.sizes[1] is None else f"{CONFIG_KEY}[{stage.sizes[1]!r}]"
+            raise CheckpointError(f"{self.files[stage.sizes[0]]}: the sizes in {section} do not fit together "
+                                  f"({str(e).rstrip('.')}); use the official file from {HUB_URL}.") from None
+
+    def _build(self, name, cfg, state, where):
+        module = self._construct(STAGES[name], cfg)
+        _check_shapes(module.state_dict(), state, where)
+        return _assign(module, state, self.source(name))
+
+
+def load_stages(files: dict, stages, layer: int | None = None) -> dict[str, torch.nn.Module]:
+    """``{stage: module}`` for the stages of :data:`STAGES`, read from ``files`` ({role: path})."""
+    return Checkpoints(files, layer).load(stages)

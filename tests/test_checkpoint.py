@@ -7,13 +7,18 @@ import torch
 
 from mucodec.checkpoint import (
     fold_weight_norm,
+    kind_of,
     load_module,
+    make_config,
     read_checkpoint,
     resolve_files,
     state_dict_of,
     subdict,
 )
 from mucodec.errors import CheckpointError
+from mucodec.flow import FlowDecoderConfig
+from mucodec.quantizer import QuantizerConfig
+from mucodec.vocoder import VocoderConfig
 
 MARKER_ENV = "MUCODEC_PWNED_MARKER"
 
@@ -147,3 +152,133 @@ def test_extra_tensors_are_ignored():
     state = {"weight": torch.ones(2, 3), "bias": torch.ones(2), "head.weight": torch.ones(9)}
     load_module(m, state, "x.pt")
     assert torch.equal(m.weight.detach(), torch.ones(2, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# What the OS says about a path, the kind of file, and the TORCH_FORCE_* variables
+# --------------------------------------------------------------------------------------------------
+def test_directory_fifo_and_device_are_not_regular_files(tmp_path):
+    (tmp_path / "muq.pt").mkdir()
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)  # opening it for reading would block: it must be recognised from os.stat alone
+    dev = tmp_path / "zero.pt"
+    dev.symlink_to("/dev/zero")
+    for path in (tmp_path / "muq.pt", fifo, dev):
+        with pytest.raises(CheckpointError) as e:
+            read_checkpoint(path)
+        assert str(path) in str(e.value) and "not a regular file" in str(e.value)
+
+
+def test_permission_denied_is_reported_as_such(tmp_path, monkeypatch):
+    path = tmp_path / "mucodec.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    real_open = os.open
+
+    def deny(p, *a, **k):
+        if os.fspath(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    assert str(path) in str(e.value) and "permission denied" in str(e.value)
+    assert "download it again" not in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="file modes do not stop root")
+def test_unreadable_file_mode_is_permission_denied(tmp_path):
+    path = tmp_path / "mucodec.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    path.chmod(0)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    assert "permission denied" in str(e.value)
+
+
+def _fairseq_like(path, marker=None):
+    """A muq.pt as fairseq writes it: tensors beside pickled non-tensor objects."""
+    import argparse
+
+    obj = {"args": argparse.Namespace(arch="muq"), "cfg": {"model": {"encoder_dim": 2}},
+           "model": {"model.w": torch.ones(2)}}
+    if marker is not None:
+        obj["extra_state"] = _Payload(marker)
+    torch.save(obj, path)
+
+
+@pytest.mark.parametrize("env", ["TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "both"])
+def test_torch_force_variables_neither_break_nor_unlock_loading(tmp_path, monkeypatch, env):
+    for name in (["TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] if env == "both" else [env]):
+        monkeypatch.setenv(name, "1")
+    before = dict(os.environ)
+    path, marker = tmp_path / "muq.pt", tmp_path / "pwned"
+    _fairseq_like(path, marker)
+    obj = read_checkpoint(path, "muq")
+    assert torch.equal(obj["model"]["model.w"], torch.ones(2)) and obj["cfg"]["model"]["encoder_dim"] == 2
+    assert not marker.exists(), "loading executed code from the checkpoint"
+    assert dict(os.environ) == before  # the variables are only lifted around the load
+
+
+def test_file_of_another_kind_is_named_as_such(tmp_path):
+    path = tmp_path / "mucodec.pt"
+    _fairseq_like(path)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path, "mucodec")
+    msg = str(e.value)
+    assert str(path) in msg and "holds a MuQ checkpoint (muq.pt)" in msg and "ckpt/mucodec.pt" in msg
+
+    torch.save({"state_dict": {"first_stage_model.x": torch.ones(1), "scale_factor": torch.tensor(1.0)}}, path)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path, "muq")
+    assert "holds an AudioLDM-48k checkpoint" in str(e.value)
+
+    torch.save({"weights": torch.ones(1)}, path)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path, "audioldm")
+    assert "none of the three MuCodec checkpoints" in str(e.value)
+    assert read_checkpoint(path)["weights"].shape == (1,)  # without a role any state dict is read
+
+
+def test_kinds_are_recognised_by_their_keys():
+    t = torch.zeros(1)
+    assert kind_of({"cfg": {}, "model": {"model.a": t}}) == "muq"
+    assert kind_of({"rvq_muencoder_emb.quantizers.0.codebook.weight": t}) == "mucodec"
+    assert kind_of({"state_dict": {"cfm_wrapper.estimator.x": t}}) == "mucodec"
+    assert kind_of({"state_dict": {"first_stage_model.x": t, "scale_factor": t}}) == "audioldm"
+    assert kind_of({"a": t}) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes stored in a file
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [-3, 0, "16", True, [16], {"a": 1}, 10**12, 16.5, float("nan")])
+def test_bad_int_size_names_file_and_key(value):
+    with pytest.raises(CheckpointError) as e:
+        make_config(QuantizerConfig, {"input_dim": value}, "ckpt/mucodec.pt", "mucodec_config['quantizer']")
+    msg = str(e.value)
+    assert msg.startswith("ckpt/mucodec.pt: mucodec_config['quantizer']['input_dim'] is ")
+    assert "positive integer" in msg
+
+
+def test_sizes_nested_lists_floats_and_unknown_keys():
+    cfg = make_config(VocoderConfig, {"upsample_rates": [2.0, 3], "upsample_kernel_sizes": [4, 6], "hop_length": 6,
+                                      "resblock_kernel_sizes": [3], "resblock_dilation_sizes": [[1, 3]],
+                                      "lrelu_slope": 0.2, "not_a_field": "ignored", "num_mels": None}, "a.pth", "k")
+    assert cfg.upsample_rates == (2, 3) and cfg.resblock_dilation_sizes == ((1, 3),) and cfg.lrelu_slope == 0.2
+    assert cfg.num_mels == VocoderConfig().num_mels
+    for bad, key in [({"upsample_rates": "abc"}, "k['upsample_rates']"), ({"upsample_rates": []}, "k['upsample_rates']"),
+                     ({"resblock_dilation_sizes": [[1, -1]]}, "k['resblock_dilation_sizes'][0][1]"),
+                     ({"lrelu_slope": float("inf")}, "k['lrelu_slope']"), ({"lrelu_slope": "0.1"}, "k['lrelu_slope']")]:
+        with pytest.raises(CheckpointError) as e:
+            make_config(VocoderConfig, bad, "a.pth", "k")
+        assert f"a.pth: {key} is" in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        make_config(FlowDecoderConfig, {"dit": 3}, "m.pt", "c")
+    assert "m.pt: c['dit'] is 3; it must be a dict" in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        make_config(FlowDecoderConfig, {"dit": {"num_layers": 10**6}}, "m.pt", "c")
+    assert "c['dit']['num_layers'] is 1000000" in str(e.value)
+    with pytest.raises(CheckpointError) as e:  # each value fine, together not: the config's own check
+        make_config(VocoderConfig, {"hop_length": 7}, "a.pth", "k")
+    assert "a.pth: the sizes in k do not fit together" in str(e.value)
