@@ -1,14 +1,20 @@
 """MuCodec: a dependency-light reimplementation of the 0.35 kbps music codec.
 
-    from mucodec import MuCodec, load_audio, save_codes, load_codes
-    codec = MuCodec.from_pretrained(".")            # tools/, muq_dev/, ckpt/ of the official layout
-    codes = codec.sound2code(load_audio("song.flac"))   # LongTensor (1, 1, T), 25 codes per second
-    wav = codec.code2sound(codes)                   # (2, T * 1920) float32 at 48 kHz
+    import mucodec
+    codes = mucodec.sound2code("song.flac")              # LongTensor (1, 1, T), 25 codes per second
+    wav = mucodec.code2sound(codes)                      # (2, T * 1920) float32 at 48 kHz
+
+    model = mucodec.load_model(".", device="cuda")       # tools/, muq_dev/, ckpt/ of the official layout
+    model.encode_file("song.flac", "song.mct")           # token files (0.35 kbit/s)
+    model.decode_file("song.mct", "song.wav")
 """
-from .audio import load_audio
+from .api import code2sound, current_model, load_model, sound2code, sound2sound
+from .audio import load_audio, write_wav
 from .codec import CodecConfig, MuCodec
-from .errors import AudioError, CheckpointError, MuCodecError, TokenFileError
+from .errors import (ArgumentError, AudioError, CheckpointError, CodesError, MuCodecError, NumericalError,
+                     OutputError, TokenFileError)
 from .tokens import load_codes, save_codes
 
-__all__ = ["MuCodec", "CodecConfig", "load_audio", "save_codes", "load_codes",
-           "MuCodecError", "CheckpointError", "AudioError", "TokenFileError"]
+__all__ = ["load_model", "current_model", "sound2code", "code2sound", "sound2sound", "MuCodec", "CodecConfig",
+           "load_audio", "write_wav", "save_codes", "load_codes", "MuCodecError", "CheckpointError", "AudioError",
+           "TokenFileError", "CodesError", "ArgumentError", "OutputError", "NumericalError"]

@@ -9,10 +9,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import soundfile
@@ -21,14 +24,86 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from mucodec.errors import AudioError
+from .errors import ArgumentError, AudioError, NumericalError, OutputError
+from .tokens import EXTENSION as TOKEN_EXTENSION
+from .tokens import open_atomic
 
 CODEC_SAMPLE_RATE = 48000
+MAX_SAMPLE_RATE = 1_000_000  # above any real recording; a larger value is a mistake, not a file
 
 
 # ------------------------------------------------------------------------------------------------
-# input
+# files: reading, writing, formats
 # ------------------------------------------------------------------------------------------------
+# soundfile format names whose files users name differently (or not at all, for RAW / MATLAB).
+_EXTRA_EXTENSIONS = {"AIFF": ("aif", "aifc"), "AU": ("snd",), "OGG": ("oga", "opus"), "SVX": ("iff", "8svx"),
+                     "IRCAM": ("sf",), "NIST": ("sph",), "WAVEX": ("wav",)}
+_NO_EXTENSION = {"RAW", "MAT4", "MAT5", "MPC2K", "WAVEX", "IRCAM"}
+
+
+def audio_extensions() -> set[str]:
+    """File extensions (lower case, with the dot) of every format soundfile can read here."""
+    exts = set()
+    for name in soundfile.available_formats():
+        if name not in _NO_EXTENSION:
+            exts.add("." + name.lower())
+        exts.update("." + e for e in _EXTRA_EXTENSIONS.get(name, ()))
+    return exts
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What an audio file holds, as stored (before any resampling or channel change)."""
+
+    sample_rate: int
+    channels: int
+    frames: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def check_input_file(path, what: str = "Audio file", error=AudioError) -> str:
+    """``path`` as a string if it names a regular, readable file; else ``error`` with the OS's reason.
+
+    Non-regular files (folders, devices such as /dev/zero, named pipes) are refused before they are
+    opened: reading them would never end or block forever.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist; check the path.") from None
+    except OSError as e:
+        raise error(f"Cannot open {what.lower()} '{path}': {e.strerror or e}.") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise error(f"{what} '{path}' is {kind}; give the path of a file.")
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as e:
+        raise error(f"Cannot open {what.lower()} '{path}': {e.strerror or e}.") from None
+    return path
+
+
+def audio_info(path) -> AudioInfo:
+    """Sample rate, channels and length of an audio file, read from its header."""
+    path = check_input_file(path)
+    try:
+        info = soundfile.info(path)
+    except Exception as e:  # libsndfile reports every format problem the same way
+        raise AudioError(_unreadable(path, e)) from None
+    return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames))
+
+
+def _unreadable(path: str, e: Exception) -> str:
+    if path.lower().endswith(TOKEN_EXTENSION):
+        return f"'{path}' is named like a MuCodec token file, not audio; decode it with code2sound."
+    reason = str(getattr(e, "error_string", e)).rstrip(".")
+    return f"Cannot read audio file '{path}' ({reason}); convert it to WAV or FLAC."
+
+
 def load_audio(path, sample_rate: int = CODEC_SAMPLE_RATE) -> torch.Tensor:
     """Read an audio file as float32 stereo at ``sample_rate``.
 
@@ -42,34 +117,88 @@ def load_audio(path, sample_rate: int = CODEC_SAMPLE_RATE) -> torch.Tensor:
         (2, N) float32 tensor on the CPU.
 
     Raises:
-        AudioError: missing, unreadable or empty file, or NaN/infinite samples.
+        AudioError: missing, unreadable, non-regular or empty file, or NaN/infinite samples.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AudioError(f"Audio file '{path}' does not exist; check the path.")
+    path = check_input_file(path)
     try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        with soundfile.SoundFile(path) as f:
+            rate, channels, frames = f.samplerate, f.channels, f.frames
+            # Read in blocks straight into channel-first memory: one copy of the song, not three
+            # (soundfile's frame-major array, its transpose, the stereo result).
+            wav = torch.empty(min(channels, 2), frames)
+            done = 0
+            for block in f.blocks(blocksize=1 << 18, dtype="float32", always_2d=True):
+                wav[:, done:done + block.shape[0]] = torch.from_numpy(block[:, :2].T)
+                done += block.shape[0]
     except Exception as e:  # libsndfile reports every format problem the same way
-        reason = str(getattr(e, "error_string", e)).rstrip(".")
-        raise AudioError(f"Cannot read audio file '{path}' ({reason}); convert it to WAV or FLAC.") from None
-    wav = torch.from_numpy(np.ascontiguousarray(data.T))  # (C, N)
-    return _to_stereo(wav, rate, sample_rate, f"Audio file '{path}'")
+        raise AudioError(_unreadable(path, e)) from None
+    return _to_stereo(wav[:, :done], rate, sample_rate, f"Audio file '{path}'")
 
 
-def to_stereo(wav: torch.Tensor, sample_rate: int, target_rate: int = CODEC_SAMPLE_RATE) -> torch.Tensor:
-    """Bring a waveform tensor to float32 stereo at ``target_rate`` (same rules as ``load_audio``).
+def write_wav(path, wav: torch.Tensor, sample_rate: int = CODEC_SAMPLE_RATE) -> None:
+    """Write (C, N) audio as 32-bit float WAV, atomically (see :func:`wav_writer`)."""
+    with wav_writer(path, sample_rate, wav.shape[0]) as write:
+        write(wav)
+
+
+@contextlib.contextmanager
+def wav_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2):
+    """Stream (C, n) pieces into a 32-bit float WAV file that appears at ``path`` only when complete.
+
+    Yields ``write(piece)``. The samples go to a hidden temporary file beside ``path``, renamed over it
+    when the block ends without an exception; on any failure (including Ctrl-C) nothing is left behind.
+    Float keeps the decoder's output exactly, including samples beyond +-1. Non-finite samples are
+    refused (:class:`NumericalError`) before anything of them is written.
+    """
+    path = Path(path)
+
+    def write(piece: torch.Tensor) -> None:
+        data = piece.detach().float().cpu()
+        if not torch.isfinite(data).all():
+            raise NumericalError(f"The decoder produced NaN or infinite samples for {path}; nothing was written.")
+        try:
+            f.write(data.numpy().T)
+        except (OSError, soundfile.SoundFileError) as e:
+            raise OutputError(_write_problem(path, e)) from None
+
+    in_body = False  # errors of the caller's block pass through unchanged
+    try:
+        with open_atomic(path) as raw, soundfile.SoundFile(raw, "w", sample_rate, channels, subtype="FLOAT",
+                                                            format="WAV") as f:
+            in_body = True
+            yield write
+            in_body = False
+    except (OSError, soundfile.SoundFileError) as e:
+        if in_body:
+            raise
+        raise OutputError(_write_problem(path, e)) from None
+
+
+def _write_problem(path: Path, e: Exception) -> str:
+    if isinstance(e, FileNotFoundError) and not path.parent.is_dir():
+        return f"Cannot write {path}: the folder {path.parent} does not exist; create it first."
+    return f"Cannot write {path}: {getattr(e, 'strerror', None) or e}."
+
+
+# ------------------------------------------------------------------------------------------------
+# waveforms
+# ------------------------------------------------------------------------------------------------
+def to_stereo(wav, sample_rate: int | None = None, target_rate: int = CODEC_SAMPLE_RATE) -> torch.Tensor:
+    """Bring a waveform to float32 stereo at ``target_rate`` (same rules as ``load_audio``).
 
     Args:
-        wav: (N,), (1, N), (2, N) or (C, N) floating-point samples.
-        sample_rate: rate of ``wav`` in Hz (an integer).
+        wav: float tensor or array (N,) or (C, N).
+        sample_rate: rate of ``wav`` in Hz, a positive integer (None: ``target_rate``).
 
     Returns:
         (2, N') float32 tensor on ``wav``'s device.
     """
-    return _to_stereo(wav, sample_rate, target_rate, "The input waveform")
+    return _to_stereo(wav, target_rate if sample_rate is None else sample_rate, target_rate, "The input waveform")
 
 
-def _to_stereo(wav: torch.Tensor, sample_rate, target_rate: int, what: str) -> torch.Tensor:
+def _to_stereo(wav, sample_rate, target_rate: int, what: str) -> torch.Tensor:
+    if isinstance(wav, np.ndarray) and wav.dtype.kind == "f":
+        wav = torch.from_numpy(wav)
     if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
         raise AudioError(f"{what} is not a floating-point tensor; pass float samples in [-1, 1], e.g. int16 samples / 32768.")
     if wav.dim() == 1:
@@ -78,16 +207,39 @@ def _to_stereo(wav: torch.Tensor, sample_rate, target_rate: int, what: str) -> t
         raise AudioError(f"{what} has shape {tuple(wav.shape)}; pass (samples,) or (channels, samples).")
     if wav.shape[0] == 0 or wav.shape[1] == 0:
         raise AudioError(f"{what} contains no samples; use a non-empty recording.")
-    if not (isinstance(sample_rate, (int, float)) and sample_rate > 0 and int(sample_rate) == sample_rate):
-        raise AudioError(f"{what} has sample rate {sample_rate!r}; give a positive integer rate in Hz.")
-    if not torch.isfinite(wav).all():
+    if (isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer))
+            or not 0 < sample_rate <= MAX_SAMPLE_RATE or int(sample_rate) != sample_rate):
+        raise ArgumentError(f"sample_rate {sample_rate!r} is not a sample rate; give a positive whole number of Hz "
+                            f"(at most {MAX_SAMPLE_RATE}).")
+    if not all_finite(wav):
         raise AudioError(f"{what} contains NaN or infinite samples; repair or re-export the audio.")
     wav = wav[:2].float()
-    if wav.shape[0] == 1:
-        wav = wav.expand(2, -1)
     if int(sample_rate) != target_rate:
         wav = resample(wav, int(sample_rate), target_rate)
-    return wav.contiguous()
+    # mono is shared by both channels (a view, not a copy: long songs stay one copy in memory)
+    return wav.expand(2, -1) if wav.shape[0] == 1 else wav.contiguous()
+
+
+def all_finite(x: torch.Tensor, block: int = 1 << 18) -> bool:
+    """Whether every value is finite, checked in blocks of the last dim so a long song needs no
+    song-sized mask."""
+    return all(bool(torch.isfinite(x[..., i:i + block]).all()) for i in range(0, x.shape[-1], block))
+
+
+def crossfade(fading_out: torch.Tensor, fading_in: torch.Tensor) -> torch.Tensor:
+    """Linear crossfade over the last dim, as the official code joins overlapping pieces.
+
+    The ramp is numpy's float64 ``linspace(0, 1, n)`` (torch's differs in the last bit) and the mix is
+    computed in float64, then stored in the inputs' dtype.
+    """
+    n = fading_out.shape[-1]
+    ramp = _ramp(n).to(fading_out.device)
+    return (fading_out.double() * (1 - ramp) + fading_in.double() * ramp).to(fading_out.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _ramp(n: int) -> torch.Tensor:
+    return torch.from_numpy(np.linspace(0, 1, n))
 
 
 def resample(wav: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
@@ -123,6 +275,14 @@ def peak_normalize(x: torch.Tensor, threshold: float) -> torch.Tensor:
     # Same arithmetic as the official code: x / (peak / threshold).
     norm = torch.where(peak > threshold, peak / threshold, torch.ones_like(peak))
     return x / norm.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def peak_divisor(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """What :func:`peak_normalize` divides one item ``x`` by (its peak over ``threshold``, or 1), found
+    without a temporary copy of ``x`` (``abs()`` of an hour of audio would be another 1.4 GB)."""
+    lo, hi = torch.aminmax(x)
+    peak = torch.maximum(-lo, hi)
+    return torch.where(peak > threshold, peak / threshold, torch.ones_like(peak))
 
 
 def limit_and_mix(stereo: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:

@@ -6,33 +6,24 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import audio
-from .checkpoint import (
-    DEFAULT_REPO,
-    config_of,
-    fold_weight_norm,
-    load_module,
-    read_checkpoint,
-    resolve_files,
-    skip_init,
-    state_dict_of,
-    subdict,
-)
-from .errors import CheckpointError, TokenFileError
-from .flow import FlowDecoder, FlowDecoderConfig
-from .muq import MuQConfig, MuQEncoder
-from .quantizer import Quantizer, QuantizerConfig
-from .vae import MelVAE, VAEConfig
-from .vocoder import HiFiGAN, VocoderConfig
+from . import audio, tokens
+from .checkpoint import DECODER_STAGES, DEFAULT_REPO, ENCODER_STAGES, Checkpoints, resolve_files, roles_of
+from .errors import ArgumentError, AudioError, CheckpointError, NumericalError
+
+
+# Bounds of user arguments: far above any sensible use, low enough that a typo cannot run for days.
+MAX_STEPS = 1000
+MAX_BATCH = 256
 
 
 @dataclass
@@ -83,23 +74,6 @@ class CodecConfig:
         return math.ceil((n - self.overlap_codes) / self.hop_codes) * self.hop_codes + self.overlap_codes
 
 
-def _config(cls, d: dict | None):
-    """Build a (possibly nested) config dataclass from a plain dict, ignoring unknown keys."""
-    d = d or {}
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
-        if isinstance(v, dict) and factory is not None and dataclasses.is_dataclass(factory()):
-            v = _config(type(factory()), v)
-        elif isinstance(v, list):
-            v = tuple(v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
-
-
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -128,6 +102,7 @@ class MuCodec:
         self.device = torch.device(device)
         self.dtype = dtype
         self.progress = progress
+        self._sources: dict[str, str] = {}  # stage -> checkpoint file it was loaded from, for error messages
         self.muq = muq.eval().to(self.device)
         self.quantizer = quantizer.eval().to(self.device)
         self.flow = flow.eval().to(self.device) if flow is not None else None
@@ -157,97 +132,84 @@ class MuCodec:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike | None = None, device: str | None = None,
                         dtype: torch.dtype = torch.float32, encoder_only: bool = False, layer: int | None = None,
-                        progress: bool = False) -> "MuCodec":
+                        progress: bool = False, revision: str | None = None) -> "MuCodec":
         """Load the official checkpoints.
 
         ``path_or_repo``: a folder laid out like the official release (``tools/audioldm_48k.pth``,
         ``muq_dev/muq.pt``, ``ckpt/mucodec.pt``) or a hub repo id (default ``MuCodec/mucodec``,
-        downloaded into the huggingface_hub cache). ``encoder_only`` loads MuQ and the quantizer only
-        (no DiT, VAE or vocoder weights are read). ``layer``: MuQ hidden state the codes are taken
-        from (the official checkpoint was trained on 6).
+        downloaded into the huggingface_hub cache; ``revision`` picks a branch, tag or commit of it).
+        ``encoder_only`` loads MuQ and the quantizer only (no DiT, VAE or vocoder weights are read).
+        ``layer``: MuQ hidden state the codes are taken from (the official checkpoint was trained on 6).
+        How each stage is read from the files is the table ``checkpoint.STAGES``.
         """
-        device = device or default_device()
-        roles = ("muq", "mucodec") if encoder_only else ("audioldm", "muq", "mucodec")
-        files = resolve_files(path_or_repo if path_or_repo is not None else DEFAULT_REPO, roles)
-
-        codec_obj = read_checkpoint(files["mucodec"], "mucodec.pt")
-        codec_state = state_dict_of(codec_obj)
-        sizes = config_of(codec_obj)
-        config = _config(CodecConfig, sizes.get("codec"))
+        stages = ENCODER_STAGES if encoder_only else ENCODER_STAGES + DECODER_STAGES
+        files = resolve_files(path_or_repo if path_or_repo is not None else DEFAULT_REPO, roles_of(stages), revision)
+        ckpts = Checkpoints(files)
+        config = ckpts.sizes("mucodec", "codec", CodecConfig)
         if layer is not None:
-            config.layer = int(layer)
-
-        muq_obj = read_checkpoint(files["muq"], "muq.pt")
-        cfg_model = muq_obj.get("cfg", {}).get("model") if isinstance(muq_obj.get("cfg"), dict) else None
-        muq_cfg = MuQConfig.from_fairseq(cfg_model) if isinstance(cfg_model, dict) else MuQConfig()
-        muq_state = subdict(state_dict_of(muq_obj), "model.")
-        muq_source = files["muq"]
-        override = subdict(codec_state, "muencoder.model.")
-        if override:  # the official non-strict load of mucodec.pt overwrites MuQ with its own copy
-            muq_state.update(override)
-            muq_source = f"{files['muq']} / {files['mucodec']}"
-        if not 0 < config.layer <= muq_cfg.encoder_depth:
-            raise CheckpointError(f"layer {config.layer} does not exist in {files['muq']}: use 1..{muq_cfg.encoder_depth}.")
-        with skip_init():
-            muq = MuQEncoder(muq_cfg, num_layers=config.layer)
-            quantizer = Quantizer(_config(QuantizerConfig, sizes.get("quantizer")))
-        load_module(muq, muq_state, muq_source, "model.")
-        del muq_obj, muq_state
-        load_module(quantizer, fold_weight_norm(subdict(codec_state, "rvq_muencoder_emb.quantizers.0.")),
-                    files["mucodec"], "rvq_muencoder_emb.quantizers.0.")
-        if encoder_only:
-            return cls(muq, quantizer, config=config, device=device, dtype=dtype, progress=progress)
-
-        with skip_init():
-            flow = FlowDecoder(_config(FlowDecoderConfig, sizes.get("flow")))
-        flow_state = {k: v for k, v in codec_state.items()
-                      if k.startswith(("normfeat.", "cond_muencoder_emb.")) or k == "zero_cond_embedding1"}
-        flow_state.update(subdict(codec_state, "cfm_wrapper.estimator.", "estimator."))
-        load_module(flow, flow_state, files["mucodec"],
-                    lambda k: "cfm_wrapper." + k if k.startswith("estimator.") else k)
-        del codec_obj, codec_state, flow_state
-
-        vae, vocoder, scale_factor = _load_audioldm(files["audioldm"], with_encoder=False)
-        return cls(muq, quantizer, flow, vae, vocoder, scale_factor, config=config, device=device, dtype=dtype,
-                   audioldm_path=files["audioldm"], progress=progress)
+            config.layer = layer
+        ckpts.layer = config.layer
+        m = ckpts.load(stages)
+        codec = cls(m["muq"], m["quantizer"], m.get("flow"), m.get("vae"), m.get("vocoder"),
+                    1.0 if encoder_only else ckpts.scale_factor(), config=config, device=device or default_device(),
+                    dtype=dtype, audioldm_path=files.get("audioldm"), progress=progress)
+        codec._sources = ckpts.sources(stages)
+        return codec
 
     # ------------------------------------------------------------------------------------------
     # Encoding
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def sound2code(self, wav, batch_size: int | None = None, sample_rate: int | None = None) -> torch.Tensor:
-        """Audio -> codes.
+    def sound2code(self, audio, *, sample_rate: int | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """Audio -> codes, exactly as the official ``sound2code``.
 
-        ``wav``: float tensor (2, N) at 48 kHz, or mono (N,) / (1, N) (duplicated); another
-        ``sample_rate`` is resampled first. Returns a LongTensor (1, 1, T) on the CPU with
-        ``T = int(N / 48000 * 25) + 1``, exactly as the official ``sound2code``: the whole clip is
-        scaled to a peak of at most 0.8, cut into windows of 40.96 s + 10 ms (short clips are
-        repeated), encoded ``batch_size`` windows at a time (default 3), and codes cut to T.
+        ``audio``: the path of an audio file (any format soundfile reads; resampled to 48 kHz, mono
+        duplicated), or a float tensor/array (2, N), (1, N) or (N,) at ``sample_rate`` (default 48000).
+        ``batch_size``: 40.96 s windows encoded at once (default 3, the official value).
+        Returns a LongTensor (1, 1, T) on the CPU with ``T = int(N / 48000 * 25) + 1``: the whole clip
+        is scaled to a peak of at most 0.8, cut into windows of 40.96 s + 10 ms (short clips are
+        repeated), encoded ``batch_size`` windows at a time, and the codes cut to T.
         """
-        c = self.config
-        x = audio.to_stereo(wav, sample_rate or c.sample_rate, c.sample_rate).to(self.device, torch.float32)
-        x = audio.peak_normalize(x[None], c.input_peak)[0]
-        n = x.shape[-1]
-        # float arithmetic exactly as the official code, so the count agrees at every length
-        num_codes = int(n / float(c.sample_rate) * c.frame_rate) + 1
-        chunks = self._encoder_chunks(x)
-        batch_size = batch_size or c.encoder_batch_size
+        wav = self._audio(audio, sample_rate)
+        return self._encode(wav, _count("batch_size", batch_size, self.config.encoder_batch_size, MAX_BATCH))
+
+    def _encode(self, wav: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """(2, N) float32 at 48 kHz -> LongTensor (1, 1, T): the official encoder window schedule."""
+        windows, count, num_codes = self.encoder_windows(wav)
         codes = []
-        bar = tqdm(total=len(chunks), desc="encode", unit="window", disable=not self.progress, leave=False)
-        for i in range(0, len(chunks), batch_size):
-            codes.append(self.encode_windows(chunks[i:i + batch_size]))
-            bar.update(min(batch_size, len(chunks) - i))
+        bar = tqdm(total=count, desc="encode", unit="window", disable=not self.progress, leave=False)
+        for i in range(0, count, batch_size):
+            codes.append(self.encode_windows(windows.batch(i, min(i + batch_size, count))))
+            bar.update(codes[-1].shape[0])
         bar.close()
         return torch.cat(codes, 0).reshape(1, 1, -1)[..., :num_codes].cpu()
 
-    def _encoder_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """(2, N) -> (W, 2, window + extra): the official repeat-padding and window layout."""
+    def encoder_windows(self, wav: torch.Tensor) -> tuple["EncoderWindows", int, int]:
+        """(2, N) float32 at 48 kHz -> (its encoder windows, how many of them are encoded, codes kept).
+
+        Windows encode independently of their batch, so packing the first ``count`` windows of several
+        clips into shared batches and cutting each clip's codes to ``num_codes`` equals :meth:`_encode`.
+        """
+        c = self.config
+        x = wav.to(self.device, torch.float32)
+        # float arithmetic exactly as the official code, so the count agrees at every length
+        num_codes = int(x.shape[-1] / float(c.sample_rate) * c.frame_rate) + 1
+        windows = EncoderWindows(x, c.encoder_window, c.encoder_window_extra, audio.peak_divisor(x, c.input_peak))
+        # The official code encodes every window of its layout and cuts the codes to num_codes, so
+        # trailing windows whose codes are all cut (e.g. the third of a 40.96 s clip) change nothing.
+        count = min(len(windows), -(-num_codes // self.codes_per_window()))
+        return windows, count, num_codes
+
+    def codes_per_window(self) -> int:
+        """Codes one encoder window gives (1024): its samples at the MuQ rate, in whole MuQ frames."""
         c = self.config
         step = c.encoder_window + c.encoder_window_extra
-        x = _repeat_to(x, step)
-        n_win = x.shape[-1] // c.encoder_window + 1
-        x = torch.cat([x, x], -1)[:, : n_win * step]
-        return x.reshape(2, n_win, step).transpose(0, 1)
+        return -(-step * self.muq.cfg.sample_rate // c.sample_rate) // self.muq.cfg.samples_per_frame
+
+    def _encoder_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """(2, N) -> (W, 2, window + extra): every window of the official layout at once."""
+        windows = EncoderWindows(x, self.config.encoder_window, self.config.encoder_window_extra)
+        return windows.batch(0, len(windows))
 
     @torch.inference_mode()
     def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,178 +217,425 @@ class MuCodec:
         c = self.config
         mono = audio.prepare_muq_input(x, c.channel_peak, c.sample_rate, self.muq.cfg.sample_rate)
         hidden = self.muq(mono)  # (B, T, 1024)
-        codes, _ = self.quantizer.encode(hidden.transpose(1, 2))
+        # one cheap check per stage and batch: damaged weights must not become a token file of garbage
+        self._check_finite(hidden, "muq", "The MuQ encoder")
+        codes, z_e = self.quantizer.encode(hidden.transpose(1, 2))
+        self._check_finite(z_e, "quantizer", "The quantizer")
         return codes
 
     # ------------------------------------------------------------------------------------------
     # Decoding
     # ------------------------------------------------------------------------------------------
-    def _check_codes(self, codes) -> torch.Tensor:
-        codes = torch.as_tensor(codes)
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise TokenFileError(f"codes must be integers, got {codes.dtype}: pass the LongTensor sound2code returned.")
-        if codes.ndim == 1:
-            codes = codes[None, None]
-        elif codes.ndim == 2:
-            codes = codes[None]
-        if codes.ndim != 3 or codes.shape[0] != 1 or codes.shape[1] != 1:
-            raise TokenFileError(f"codes must have shape (1, 1, T), (1, T) or (T,), got {tuple(codes.shape)}.")
-        if codes.shape[-1] == 0:
-            raise TokenFileError("codes are empty: there is nothing to decode.")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.codebook_size:
-            raise TokenFileError(f"codes must lie in [0, {self.codebook_size}), found values in [{lo}, {hi}].")
-        return codes.long()
-
     def _require_decoder(self):
         if self.flow is None:
-            raise CheckpointError("this MuCodec was loaded with encoder_only=True: load it again without it to decode.")
+            raise CheckpointError("This MuCodec was loaded with encoder_only=True; load it again without it to decode.")
 
     @torch.inference_mode()
-    def code2sound(self, codes, num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
-                   generator: torch.Generator | None = None, noise=None, prompt_sample_rate: int | None = None,
-                   fast_vocoder: bool = False) -> torch.Tensor:
-        """Codes (1, 1, T) -> audio (2, T * 1920) float32 at 48 kHz on the CPU.
+    def code2sound(self, codes, *, num_steps: int | None = None, guidance_scale: float | None = None,
+                   prompt=None, prompt_sample_rate: int | None = None, seed: int | None = None,
+                   generator: torch.Generator | None = None, noise=None,
+                   fast_vocoder: bool = True) -> torch.Tensor:
+        """Codes -> audio (2, T * 1920) float32 at 48 kHz on the CPU, as the official ``code2sound``.
 
-        ``num_steps`` Euler steps per window (official default 20), classifier-free ``guidance_scale``
-        (default 1.5; the official code ignores its argument and always uses 1.5). ``prompt``: up to
-        10.24 s of reference audio whose latents start the first window (as the official
-        ``code2sound(prompt=...)``). ``generator`` makes decoding reproducible; its draws follow the
-        official order. ``noise``: a list with one (1, 32, 512, 32) tensor per window, the initial
-        noise of each window, for bit-exact comparison with the official code. ``fast_vocoder``
-        computes each mel frame once (plus the chunk edges) instead of running the official
-        overlapping vocoder chunks: ~2.5x less vocoder work, equal up to float rounding (~1e-6).
+        ``codes``: LongTensor (1, 1, T), (1, T) or (T,) of integers in [0, 16384), or the path of a
+        ``.mct`` token file (the output is then cut to the length of the audio it was made from).
+        ``num_steps`` Euler steps per window (default 20, the official value); classifier-free
+        ``guidance_scale`` >= 1 (default 1.5; 1 turns guidance off; the official code ignores its
+        argument and always uses 1.5). ``prompt``: reference audio (a path, or a waveform at
+        ``prompt_sample_rate``, default 48 kHz) whose first 10.24 s start the first window.
+        ``seed`` (or a CPU ``generator``) makes decoding reproducible; draws follow the official
+        order. ``noise``: one (1, 32, 512, 32) tensor per window, the initial noise of each window,
+        for bit-exact comparison with the official code. ``fast_vocoder`` (default) computes each mel
+        frame once (plus the chunk edges) instead of running the official overlapping vocoder chunks:
+        ~2.5x less vocoder work, equal to the official chunks up to float rounding (~1e-6);
+        ``fast_vocoder=False`` runs the official schedule.
+        """
+        return torch.cat(list(self.iter_decode(
+            codes, num_steps=num_steps, guidance_scale=guidance_scale, prompt=prompt,
+            prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator, noise=noise,
+            fast_vocoder=fast_vocoder)), -1)
+
+    def iter_decode(self, codes, *, num_samples: int | None = None, num_steps: int | None = None,
+                    guidance_scale: float | None = None, prompt=None, prompt_sample_rate: int | None = None,
+                    seed: int | None = None, generator: torch.Generator | None = None, noise=None,
+                    fast_vocoder: bool = True):
+        """:meth:`code2sound` as a stream: yields (2, n) float32 CPU pieces of the output in order, one per
+        decoder window, so a long song never has to be held whole (``decode_file`` writes them as they
+        come). ``num_samples`` cuts the output shorter (a token file's own length is applied anyway).
+        Arguments are checked before any work starts.
         """
         self._require_decoder()
         c = self.config
-        num_steps = c.code2sound_steps if num_steps is None else int(num_steps)
-        guidance_scale = c.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
-        codes = self._check_codes(codes).to(self.device)
+        codes, limit = self._codes(codes)
+        if num_samples is not None:
+            limit = min(limit, _count("num_samples", num_samples, None, None))
+        opts = DecodeOptions(
+            num_steps=_count("num_steps", num_steps, c.code2sound_steps, MAX_STEPS),
+            guidance_scale=_guidance(guidance_scale, c.guidance_scale),
+            generator=_generator(seed, generator),
+            fast_vocoder=bool(fast_vocoder))
+        if prompt is not None:
+            prompt = self.prepare_prompt(prompt, sample_rate=prompt_sample_rate)
+        windows = self.decode_windows(codes.shape[-1] + (self._prompt_codes(prompt) if prompt is not None else 0))
+        noise = self._check_noise(noise, len(windows))
+        return self._decode(codes, limit, opts, prompt, noise)
+
+    def _decode(self, codes: torch.Tensor, limit: int, opts: "DecodeOptions", prompt, noise):
+        """Generator behind :meth:`iter_decode`; arguments are already checked.
+
+        Model work runs in inference mode window by window (a mode held across ``yield`` would leak
+        into the caller's code between pieces).
+        """
+        c = self.config
         F, L = c.window_latents, c.overlap_latents
         lat_shape = (1, self.flow.cfg.latent_channels, F, self.flow.cfg.freq_bins)
+        randn = functools.partial(_randn, generator=opts.generator, device=self.device)
+        codes = codes.to(self.device)
 
-        def randn(*shape):
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-
-        first_latent = randn(*lat_shape)
+        first_latent = randn(lat_shape)
         prompt_frames = prompt_codes = 0
         if prompt is not None:
-            prompt_latent, prompt_code = self._prompt(prompt, prompt_sample_rate, generator)
+            prompt_latent, prompt_code = self._prompt_latents(prompt, opts.generator)
             prompt_frames = prompt_latent.shape[2]
-            first_latent[:, :, :prompt_frames] = prompt_latent
+            first_latent = torch.cat([prompt_latent, first_latent[:, :, prompt_frames:]], 2)
             prompt_codes = prompt_code.shape[-1]
             codes = torch.cat([prompt_code.to(self.device), codes], -1)
 
-        n = codes.shape[-1]
         # the official expression (1920 samples per code), kept in float arithmetic
-        target_len = int((n - prompt_codes) / (4 * c.frame_rate) * 4 * c.sample_rate)
-        padded = c.padded_codes(n)
+        remaining = min(limit, int((codes.shape[-1] - prompt_codes) / (4 * c.frame_rate) * 4 * c.sample_rate))
+        starts = self.decode_windows(codes.shape[-1])
+        padded = c.padded_codes(codes.shape[-1])
         codes = _repeat_to(codes, padded)[..., :padded]
-        starts = list(range(0, codes.shape[-1] - c.hop_codes, c.hop_codes))
-        if noise is not None and len(noise) < len(starts):
-            raise ValueError(f"noise holds {len(noise)} tensors but this decode runs {len(starts)} windows.")
-
-        spc = c.samples_per_code
-        window_samples, hop_samples = c.window_codes * spc, c.hop_codes * spc
-        out = torch.zeros(2, window_samples + (len(starts) - 1) * hop_samples)
-        ramp = torch.from_numpy(np.linspace(0, 1, window_samples - hop_samples))
-        bar = tqdm(total=len(starts) * num_steps, desc="decode", unit="step", disable=not self.progress, leave=False)
+        bar = tqdm(total=len(starts) * opts.num_steps, desc="decode", unit="step", disable=not self.progress,
+                   leave=False)
+        joiner = OverlapAdd(c.window_codes * c.samples_per_code, c.hop_codes * c.samples_per_code)
         prev = None
         for k, start in enumerate(starts):
             if k == 0:
                 true_latents, incontext = first_latent, prompt_frames
             else:
-                true_latents = torch.cat([prev[:, :, -L:], randn(lat_shape[0], lat_shape[1], F - L, lat_shape[3])], 2)
+                true_latents = torch.cat([prev[:, :, -L:], randn(lat_shape[:2] + (F - L, lat_shape[3]))], 2)
                 incontext = L
-            x0 = noise[k].to(self.device, torch.float32) if noise is not None else randn(*lat_shape)
-            z_q, _ = self.quantizer.from_codes(codes[..., start:start + c.window_codes])
-            with self._autocast():
-                latents = self.flow.sample(z_q, true_latents, F, incontext, x0, num_steps, guidance_scale,
-                                           callback=lambda *a: bar.update(1)).float()
-            prev = latents
-            if k == 0:
-                latents = latents[:, :, prompt_frames:]
-            wav = self.latents_to_wave(latents, fast_vocoder)[:, :window_samples].cpu()
-            pos = k * hop_samples
-            if k == 0:
-                out[:, : wav.shape[-1]] = wav
-            else:
-                ov = window_samples - hop_samples
-                # float64 crossfade stored as float32, as the official numpy ramp does
-                out[:, pos:pos + ov] = (out[:, pos:pos + ov].double() * (1 - ramp)
-                                        + wav[:, :ov].double() * ramp).float()
-                out[:, pos + ov:pos + wav.shape[-1]] = wav[:, ov:]
+            x0 = noise[k].to(self.device, torch.float32) if noise is not None else randn(lat_shape)
+            prev = self.decode_window(codes[..., start:start + c.window_codes], true_latents, incontext, x0, opts,
+                                      callback=lambda *a: bar.update(1))
+            wav = self.latents_to_wave(prev[:, :, prompt_frames:] if k == 0 else prev, opts.fast_vocoder).cpu()
+            for piece in joiner.add(wav, last=k == len(starts) - 1):
+                piece = piece[:, :remaining]
+                remaining -= piece.shape[-1]
+                if piece.shape[-1]:
+                    yield piece
+            if remaining <= 0:  # later windows cannot change what was already given out
+                break
         bar.close()
-        return out[:, :target_len]
 
-    def latents_to_wave(self, latents: torch.Tensor, fast_vocoder: bool = False) -> torch.Tensor:
+    def decode_windows(self, n: int) -> list[int]:
+        """Start (in codes) of each decoder window for ``n`` codes: windows of 1024 codes every 768."""
+        c = self.config
+        return list(range(0, c.padded_codes(n) - c.hop_codes, c.hop_codes))
+
+    @torch.inference_mode()
+    def decode_window(self, codes: torch.Tensor, true_latents: torch.Tensor, incontext: int, x0: torch.Tensor,
+                      opts: "DecodeOptions", callback=None) -> torch.Tensor:
+        """One window: codes (1, 1, 1024), in-context latents and initial noise (1, 32, 512, 32) -> latents."""
+        z_q, _ = self.quantizer.from_codes(codes)
+        with self._autocast():
+            latents = self.flow.sample(z_q, true_latents, self.config.window_latents, incontext, x0, opts.num_steps,
+                                       opts.guidance_scale, callback=callback).float()
+        self._check_finite(latents, "flow", "The flow decoder")
+        return latents
+
+    @torch.inference_mode()
+    def latents_to_wave(self, latents: torch.Tensor, fast_vocoder: bool = True) -> torch.Tensor:
         """Latents (1, 32, F, 32) -> (2, 480 * 8F) waveform: channels 0-15 left, 16-31 right."""
         b, ch, t, f = latents.shape
         mel = self.vae.decode(latents.reshape(b * 2, ch // 2, t, f).float())
-        return self.vocoder.vocode(mel, share_overlaps=fast_vocoder)
+        wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder)
+        self._check_finite(wav, "audioldm", "The VAE and vocoder")
+        return wav
 
     def _autocast(self):
         if self.dtype != torch.float32 and self.device.type in ("cuda", "cpu"):
             return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
-    def _prompt(self, prompt, sample_rate, generator):
-        """Prompt audio -> (latents (1, 32, Tp, 32), codes (1, 1, 2 Tp)) as the official code2sound."""
+    def _check_finite(self, x: torch.Tensor, source: str, stage: str) -> None:
+        if not bool(torch.isfinite(x).all()):
+            where = self._sources.get(source, f"the {source} checkpoint")
+            hint = (f"run in float32 (this run uses {str(self.dtype).replace('torch.', '')}), or check {where}"
+                    if self.dtype != torch.float32 and source == "flow" else
+                    f"{where} is damaged; download it again")
+            raise NumericalError(f"{stage} produced NaN or infinite values; {hint}.")
+
+    # ------------------------------------------------------------------------------------------
+    # Inputs: audio, codes, prompt, noise
+    # ------------------------------------------------------------------------------------------
+    def _audio(self, x, sample_rate) -> torch.Tensor:
+        """A path or a waveform -> (2, N) float32 at the codec rate, by the rules of ``audio.load_audio``."""
+        if isinstance(x, (str, os.PathLike)):
+            if sample_rate is not None:
+                raise ArgumentError(f"sample_rate is for waveforms; the file {os.fspath(x)} carries its own rate, "
+                                    f"so leave sample_rate out.")
+            return audio.load_audio(x, self.sample_rate)
+        return audio.to_stereo(x, sample_rate, self.sample_rate)
+
+    def _codes(self, codes) -> tuple[torch.Tensor, int]:
+        """Codes or a token file -> (LongTensor (1, 1, T), output length limit in samples)."""
+        if isinstance(codes, (str, os.PathLike)):
+            codes, header = tokens.load_codes(codes, expect=self.token_spec)
+            return codes, header["num_samples"]
+        codes = tokens.validate_codes(codes, self.codebook_size, num_codebooks=1)
+        return codes, codes.shape[-1] * self.config.samples_per_code
+
+    @property
+    def token_spec(self) -> dict:
+        """What a token file must have been made with to be decoded by this model."""
+        return {"frame_rate": self.frame_rate, "codebook_size": self.codebook_size, "sample_rate": self.sample_rate,
+                "layer": self.layer, "num_codebooks": 1}
+
+    def prepare_prompt(self, prompt, *, sample_rate: int | None = None) -> "Prompt":
+        """Check a prompt once (path or waveform) -> the :class:`Prompt` :meth:`code2sound` accepts as well.
+
+        Only the part the decoder reads is kept (10.24 s, from 20.48 s on for prompts over 30.76 s,
+        as the official code). Too short a prompt (under 2 codes' worth) is an error naming it.
+        """
+        if isinstance(prompt, Prompt):
+            return prompt
         c = self.config
+        what = f"The prompt {os.fspath(prompt)}" if isinstance(prompt, (str, os.PathLike)) else "The prompt waveform"
+        x = self._audio(prompt, sample_rate)
         sr = c.sample_rate
-        x = audio.to_stereo(prompt, sample_rate or sr, sr).to(self.device, torch.float32)
         if x.shape[-1] < int(c.prompt_long_limit * sr):
             x = x[:, : int(c.prompt_seconds * sr)]
         else:
             x = x[:, int(c.prompt_long_start * sr): int((c.prompt_long_start + c.prompt_seconds) * sr)]
+        shortest = c.codes_per_latent * c.samples_per_code  # one latent frame
+        if x.shape[-1] < shortest:
+            raise AudioError(f"{what} is {x.shape[-1] / sr:.3f} s long; a prompt needs at least "
+                             f"{shortest / sr:.2f} s of audio.")
+        return Prompt(x.contiguous())
+
+    def _mel_frames_per_latent(self) -> int:
+        return self.vae.cfg.downsampling if self.vae is not None else 1
+
+    def _prompt_codes(self, prompt: "Prompt") -> int:
+        """Codes the prompt adds in front of the stream (2 per prompt latent frame)."""
+        frames = prompt.wav.shape[-1] // audio.TacotronConfig().hop_length + 1
+        return self.config.codes_per_latent * (frames // self._mel_frames_per_latent())
+
+    @torch.inference_mode()
+    def _prompt_latents(self, prompt: "Prompt", generator):
+        """Prompt -> (latents (1, 32, Tp, 32), codes (1, 1, 2 Tp)) as the official code2sound."""
+        c = self.config
+        x = prompt.wav.to(self.device, torch.float32)
         log_mel, _ = audio.tacotron_log_mel(x)  # (2, frames, 256)
         encoder = self._vae_encoder()
         latents = []
         for ch in range(log_mel.shape[0]):  # one channel at a time, as the official code
             mean, logvar = encoder.encode(log_mel[ch][None, None])
-            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(self.device)
+            eps = _randn(mean.shape, generator=generator, device=self.device)
             latents.append(encoder.sample_latent(mean, logvar, eps))
         lat = torch.cat(latents, 0)
         lat = lat.reshape(lat.shape[0] // 2, -1, lat.shape[2], lat.shape[3])
-        codes = self.sound2code(x)[..., : c.codes_per_latent * lat.shape[2]]
+        codes = self._encode(x, c.encoder_batch_size)[..., : c.codes_per_latent * lat.shape[2]]
         return lat, codes
+
+    def _check_noise(self, noise, windows: int):
+        if noise is None:
+            return None
+        if isinstance(noise, torch.Tensor) or not isinstance(noise, (list, tuple)):
+            raise ArgumentError("noise must be a list with one tensor per decoder window.")
+        shape = (1, self.flow.cfg.latent_channels, self.config.window_latents, self.flow.cfg.freq_bins)
+        if len(noise) < windows:
+            raise ArgumentError(f"noise holds {len(noise)} tensors but this decode runs {windows} windows; "
+                                f"pass one per window.")
+        for k, t in enumerate(noise[:windows]):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ArgumentError(f"noise[{k}] must be a float tensor of shape {shape}, got {got}.")
+        return list(noise)
 
     def _vae_encoder(self):
         if self._encoder_vae is None:
             if self._audioldm_path is None:
                 raise CheckpointError("prompting needs the VAE encoder of tools/audioldm_48k.pth, which was not loaded.")
-            self._encoder_vae, _, _ = _load_audioldm(self._audioldm_path, with_encoder=True, with_vocoder=False)
-            self._encoder_vae = self._encoder_vae.eval().to(self.device)
+            ckpts = Checkpoints({"audioldm": self._audioldm_path})
+            self._encoder_vae = ckpts.load(["vae_encoder"])["vae_encoder"].eval().to(self.device)
+            self._sources.update(ckpts.sources(["vae_encoder"]))
         return self._encoder_vae
 
     @torch.inference_mode()
-    def sound2sound(self, wav, num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
-                    generator: torch.Generator | None = None, batch_size: int | None = None,
-                    sample_rate: int | None = None, fast_vocoder: bool = False) -> torch.Tensor:
-        """The official round trip: ``code2sound(sound2code(wav))`` with 50 steps, cut to the input length."""
-        x = audio.to_stereo(wav, sample_rate or self.sample_rate, self.sample_rate)
-        codes = self.sound2code(x, batch_size=batch_size)
+    def sound2sound(self, audio_in, *, sample_rate: int | None = None, batch_size: int | None = None,
+                    num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
+                    prompt_sample_rate: int | None = None, seed: int | None = None,
+                    generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True) -> torch.Tensor:
+        """The official round trip ``code2sound(sound2code(audio))`` with 50 steps by default, cut to the
+        input's length: (2, N) float32 at 48 kHz. Arguments as in :meth:`sound2code` and :meth:`code2sound`."""
+        wav = self._audio(audio_in, sample_rate)
+        codes = self.sound2code(wav, batch_size=batch_size)
         steps = self.config.sound2sound_steps if num_steps is None else num_steps
-        return self.code2sound(codes, steps, guidance_scale, prompt=prompt, generator=generator,
-                               fast_vocoder=fast_vocoder)[:, : x.shape[-1]]
+        return torch.cat(list(self.iter_decode(
+            codes, num_samples=wav.shape[-1], num_steps=steps, guidance_scale=guidance_scale, prompt=prompt,
+            prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator, noise=noise,
+            fast_vocoder=fast_vocoder)), -1)
+
+    # ------------------------------------------------------------------------------------------
+    # Files
+    # ------------------------------------------------------------------------------------------
+    def encode_file(self, src, dst, *, batch_size: int | None = None) -> Path:
+        """Audio file ``src`` -> token file ``dst`` (``.mct``, written atomically). Returns ``dst``.
+
+        The token file records the length of the audio at 48 kHz (decoders cut to it) and the rate
+        and channel count of ``src`` as stored.
+        """
+        info = audio.audio_info(src)
+        wav = audio.load_audio(src, self.sample_rate)
+        codes = self.sound2code(wav, batch_size=batch_size)
+        return tokens.save_codes(dst, codes, num_samples=wav.shape[-1], original_sample_rate=info.sample_rate,
+                                 original_channels=info.channels, **self._token_fields())
+
+    def decode_file(self, src, dst, **options) -> Path:
+        """Token file ``src`` -> 48 kHz stereo 32-bit float WAV ``dst``, written window by window into a
+        temporary file renamed at the end (a failure leaves nothing). ``options`` as :meth:`code2sound`."""
+        return self._write(dst, self.iter_decode(src, **options))
+
+    def reconstruct_file(self, src, dst, *, batch_size: int | None = None, num_steps: int | None = None,
+                         **options) -> Path:
+        """Audio file ``src`` -> encoded and decoded (the official ``sound2sound``, 50 steps) -> WAV ``dst``,
+        cut to the input's length and written as :meth:`decode_file` does."""
+        wav = audio.load_audio(src, self.sample_rate)
+        codes = self.sound2code(wav, batch_size=batch_size)
+        n = wav.shape[-1]
+        del wav  # the decoder never needs the input again: hold only the codes
+        steps = self.config.sound2sound_steps if num_steps is None else num_steps
+        return self._write(dst, self.iter_decode(codes, num_samples=n, num_steps=steps, **options))
+
+    def _write(self, dst, pieces) -> Path:
+        with audio.wav_writer(dst, self.sample_rate) as write:
+            for piece in pieces:
+                write(piece)
+        return Path(dst)
+
+    def _token_fields(self) -> dict:
+        return {k: v for k, v in self.token_spec.items() if k != "num_codebooks"}
 
 
-def _load_audioldm(path, with_encoder: bool, with_vocoder: bool = True):
-    """(MelVAE, HiFiGAN or None, scale_factor) from an AudioLDM-48k checkpoint."""
-    obj = read_checkpoint(path, "audioldm_48k.pth")
-    full = state_dict_of(obj)
-    sizes = config_of(obj)
-    state = subdict(full, "first_stage_model.")
-    if "scale_factor" not in full:
-        raise CheckpointError(f"{path} lacks the tensor 'scale_factor': it is not the AudioLDM-48k checkpoint MuCodec uses.")
-    scale_factor = float(full["scale_factor"])
-    with skip_init():
-        vae = MelVAE(_config(VAEConfig, sizes.get("vae")), scale_factor, with_encoder=with_encoder,
-                     with_decoder=not with_encoder)
-        vocoder = HiFiGAN(_config(VocoderConfig, sizes.get("vocoder"))) if with_vocoder else None
-    load_module(vae, state, path, "first_stage_model.")
-    if vocoder is not None:
-        load_module(vocoder, subdict(state, "vocoder."), path, "first_stage_model.vocoder.")
-    return vae, vocoder, scale_factor
+class EncoderWindows:
+    """The official encoder windows of a clip, cut out one batch at a time.
+
+    Officially a short clip is doubled until it holds one window of ``window + extra`` samples, then
+    the clip is joined to itself once and cut into ``len // window + 1`` windows of ``window + extra``
+    samples laid end to end (each window starts 10 ms later than a multiple of 40.96 s: the slip).
+    Here the doubled-and-joined signal is never built: a window is sliced from the clip, wrapping
+    around to its start, so encoding holds one batch of windows beside the clip, whatever its length.
+    The clip's peak normalisation (a division by ``divisor``) is applied per batch: elementwise, so
+    the result is the same as dividing the whole clip first.
+    """
+
+    def __init__(self, x: torch.Tensor, window: int, extra: int, divisor: torch.Tensor | float = 1.0):
+        self.step, self.divisor = window + extra, divisor
+        self.x = _repeat_to(x, self.step)  # only short clips grow: to at most twice one window
+        self.count = self.x.shape[-1] // window + 1
+        if self.count * self.step > 2 * self.x.shape[-1]:  # cannot happen for extra < window
+            raise ValueError("encoder windows would run past the doubled clip")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def window(self, k: int) -> torch.Tensor:
+        """Window ``k`` (2, window + extra)."""
+        n = self.x.shape[-1]
+        a, b = k * self.step % n, k * self.step % n + self.step
+        return self.x[:, a:b] if b <= n else torch.cat([self.x[:, a:], self.x[:, : b - n]], -1)
+
+    def batch(self, first: int, stop: int) -> torch.Tensor:
+        """Windows ``first .. stop - 1`` as (B, 2, window + extra)."""
+        return torch.stack([self.window(k) for k in range(first, stop)]) / self.divisor
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Checked decoding settings of one call."""
+
+    num_steps: int
+    guidance_scale: float
+    generator: torch.Generator | None
+    fast_vocoder: bool
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A checked prompt: the part of the reference audio the decoder reads, (2, N) float32 at 48 kHz."""
+
+    wav: torch.Tensor
+
+
+class OverlapAdd:
+    """Joins decoder windows of ``window`` samples placed every ``hop`` samples, as the official code.
+
+    Each overlap is crossfaded (:func:`audio.crossfade`); a window shorter than ``window`` counts as
+    zero-padded (the official output buffer starts as zeros). Samples are given out as soon as no
+    later window can change them, so a decode holds at most one window of audio.
+    """
+
+    def __init__(self, window: int, hop: int):
+        if not window - hop <= hop <= window:
+            raise ValueError(f"hop {hop} must lie in [{window - hop}, {window}]: overlaps may not span two windows")
+        self.window, self.hop = window, hop
+        self._tail = None  # the part of the last window the next one crossfades into
+
+    def add(self, wav: torch.Tensor, last: bool):
+        """Add the next window (C, <= window); yields the pieces that became final."""
+        wav = wav[:, : self.window]
+        if wav.shape[-1] < self.window:
+            wav = torch.nn.functional.pad(wav, (0, self.window - wav.shape[-1]))
+        if self._tail is not None:
+            ov = self._tail.shape[-1]
+            wav = torch.cat([audio.crossfade(self._tail, wav[:, :ov]), wav[:, ov:]], -1)
+        if last:
+            self._tail = None
+            yield wav
+            return
+        self._tail = wav[:, self.hop:]
+        yield wav[:, : self.hop]
+
+
+def _count(name: str, value, default, maximum):
+    """A whole number >= 1 (at most ``maximum``), ``default`` for None; else ArgumentError."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or (
+            maximum is not None and value > maximum):
+        limit = f" and at most {maximum}" if maximum is not None else ""
+        raise ArgumentError(f"{name} must be a whole number of at least 1{limit}, got {value!r}.")
+    return int(value)
+
+
+def _guidance(value, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
+            or value < 1:
+        raise ArgumentError(f"guidance_scale must be a finite number of at least 1 (1 turns guidance off), "
+                            f"got {value!r}.")
+    return float(value)
+
+
+def _generator(seed, generator):
+    if seed is not None and generator is not None:
+        raise ArgumentError("Pass seed or generator, not both.")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise ArgumentError("generator must be a CPU torch.Generator (noise is drawn on the CPU, as the "
+                                "official code does).")
+        return generator
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 64:
+        raise ArgumentError(f"seed must be a whole number in [0, 2**64), got {seed!r}.")
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _randn(shape, generator, device) -> torch.Tensor:
+    """Standard normals drawn on the CPU (the official draw order and values), then moved."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

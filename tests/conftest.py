@@ -13,64 +13,18 @@ when the folder lacks them).
 """
 from __future__ import annotations
 
-import argparse
-import gc
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
 import helpers
-
-FILES = {"audioldm": "tools/audioldm_48k.pth", "muq": "muq_dev/muq.pt", "mucodec": "ckpt/mucodec.pt"}
-
-
-def write_official_checkpoints(folder: Path) -> Path:
-    """Write the three synthetic full-size checkpoints into ``folder`` (official layout)."""
-    for rel in FILES.values():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-
-    path = folder / FILES["muq"]
-    if not path.exists():
-        model = helpers.state_dict("muq")
-        ckpt = {
-            # fairseq stores its config as plain containers, and pickles other objects beside it.
-            "args": argparse.Namespace(arch="muq", seed=1),
-            "cfg": {"model": {"_name": "muq", "label_rate": 25, "n_mels": 128, "conv_dim": 512,
-                              "encoder_dim": 1024, "encoder_depth": 12, "hop_length": 240}, "task": {"_name": "muq"}},
-            "model": model,
-            "optimizer_history": [{"criterion_name": "ModelCriterion", "num_updates": 1}],
-            "extra_state": {"epoch": 1},
-        }
-        _save(ckpt, path)
-        del model, ckpt
-
-    path = folder / FILES["mucodec"]
-    if not path.exists():
-        _save(helpers.state_dict("mucodec"), path)
-
-    path = folder / FILES["audioldm"]
-    if not path.exists():
-        sd = {"first_stage_model." + k: v for k, v in helpers.state_dict("audioldm_48k").items()}
-        sd["scale_factor"] = torch.tensor(helpers.SCALE_FACTOR)
-        _save({"state_dict": sd}, path)
-        del sd
-    gc.collect()
-    return folder
-
-
-def _save(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 @pytest.fixture(scope="session")
 def official_ckpt_dir(tmp_path_factory) -> Path:
     keep = os.environ.get("MUCODEC_TEST_CKPT")
     folder = Path(keep) if keep else tmp_path_factory.mktemp("official_ckpt")
-    return write_official_checkpoints(folder)
+    return helpers.write_official_checkpoints(folder)
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import gzip
 import json
 import math
+import os
 import zlib
 from pathlib import Path
 
@@ -319,3 +321,48 @@ def write_tiny_checkpoints(folder: Path, seed: int = 0) -> Path:
                                                      "vocoder": dataclasses.asdict(vocoder)}},
                folder / "tools/audioldm_48k.pth")
     return folder
+
+
+# ---- full-size synthetic checkpoints in the official layouts (golden tests, tools/bench.py) ----
+
+OFFICIAL_FILES = {"audioldm": "tools/audioldm_48k.pth", "muq": "muq_dev/muq.pt", "mucodec": "ckpt/mucodec.pt"}
+
+
+def write_official_checkpoints(folder: Path) -> Path:
+    """Write the three synthetic full-size checkpoints into ``folder`` (official layout)."""
+    for rel in OFFICIAL_FILES.values():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+
+    path = folder / OFFICIAL_FILES["muq"]
+    if not path.exists():
+        model = state_dict("muq")
+        ckpt = {
+            # fairseq stores its config as plain containers, and pickles other objects beside it.
+            "args": argparse.Namespace(arch="muq", seed=1),
+            "cfg": {"model": {"_name": "muq", "label_rate": 25, "n_mels": 128, "conv_dim": 512,
+                              "encoder_dim": 1024, "encoder_depth": 12, "hop_length": 240}, "task": {"_name": "muq"}},
+            "model": model,
+            "optimizer_history": [{"criterion_name": "ModelCriterion", "num_updates": 1}],
+            "extra_state": {"epoch": 1},
+        }
+        _save(ckpt, path)
+        del model, ckpt
+
+    path = folder / OFFICIAL_FILES["mucodec"]
+    if not path.exists():
+        _save(state_dict("mucodec"), path)
+
+    path = folder / OFFICIAL_FILES["audioldm"]
+    if not path.exists():
+        sd = {"first_stage_model." + k: v for k, v in state_dict("audioldm_48k").items()}
+        sd["scale_factor"] = torch.tensor(SCALE_FACTOR)
+        _save({"state_dict": sd}, path)
+        del sd
+    gc.collect()
+    return folder
+
+
+def _save(obj, path: Path):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -20,8 +20,8 @@ from mucodec.audio import (
     tacotron_log_mel,
     to_stereo,
 )
-from mucodec.errors import AudioError
-from synthetic import golden
+from mucodec.errors import ArgumentError, AudioError
+from helpers import golden
 
 # README "Suggested tolerances": front end <= 1e-4 abs on normalised values / 1e-3 dB.
 WAV_TOL = 1e-4
@@ -114,12 +114,17 @@ def test_to_stereo_resamples():
         (torch.tensor([0.0, float("nan")]), 48000),
         (torch.zeros(2, 10, dtype=torch.int16), 48000),
         (torch.zeros(2, 2, 10), 48000),
-        (torch.zeros(2, 10), 44100.5),
     ],
 )
 def test_to_stereo_rejects(wav, rate):
     with pytest.raises(AudioError):
         to_stereo(wav, rate)
+
+
+@pytest.mark.parametrize("rate", [44100.5, 0, -48000, True, "48000", 10 ** 9])
+def test_to_stereo_rejects_sample_rates(rate):
+    with pytest.raises(ArgumentError, match="sample_rate"):  # an argument mistake, and a ValueError
+        to_stereo(torch.zeros(2, 10), rate)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
-"""generate.py end to end: the command line and the notebook API.
+"""The command line (mucodec.cli, run by generate.py) and the notebook API (mucodec.api), end to end.
 
-Most tests inject a fake codec that follows the MuCodec contract (rates, shapes, keyword arguments)
-so the plumbing (inputs, outputs, refusals, summaries, exit codes) runs in seconds; the tests at the
-end run the real MuCodec on the tiny checkpoints of the `tiny_ckpt_dir` fixture when it exists.
+Most tests replace ``MuCodec.from_pretrained`` with a fake codec: a MuCodec whose model stages
+(``_encode``, ``_decode``) are fast and deterministic while everything around them (argument checks,
+audio and token files, streaming output, errors) is the real code. The tests at the end run the real
+MuCodec on the tiny checkpoints.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +22,12 @@ import soundfile as sf
 import torch
 
 import generate
-from mucodec.errors import AudioError, CheckpointError, MuCodecError
+import mucodec
+from mucodec import api, cli
+from mucodec.codec import CodecConfig, MuCodec
+from mucodec.flow import FlowDecoderConfig
+from mucodec.errors import (ArgumentError, AudioError, CheckpointError, CodesError, MuCodecError, NumericalError,
+                            TokenFileError)
 from mucodec.tokens import load_codes, save_codes
 
 REPO = Path(generate.__file__).resolve().parent
@@ -27,60 +36,63 @@ TESTS = Path(__file__).resolve().parent
 
 # ---- a codec that follows the contract, fast and deterministic --------------------------------
 
-class FakeCodec:
-    """Stands in for mucodec.codec.MuCodec: same attributes, methods, shapes and keyword arguments."""
+class FakeCodec(MuCodec):
+    """The real MuCodec API over fake model stages (no weights)."""
 
-    sample_rate, frame_rate, codebook_size, layer = 48000, 25, 16384, 6
+    codebook_size = 16384
     built: list[dict] = []  # keyword arguments of every from_pretrained call
 
-    def __init__(self):
+    def __init__(self, encoder_only=False):
+        self.config = CodecConfig()
+        self.device, self.dtype, self.progress = torch.device("cpu"), torch.float32, False
+        self._sources = {}
+        self.flow = None if encoder_only else SimpleNamespace(cfg=FlowDecoderConfig())  # sizes only
+        self.vae = None
         self.calls = []
 
     @classmethod
-    def from_pretrained(cls, path_or_repo=".", device="cpu", dtype=torch.float32, encoder_only=False, progress=True):
+    def from_pretrained(cls, path_or_repo=None, *, device=None, dtype=torch.float32, encoder_only=False,
+                        revision=None, progress=False, layer=None):
         cls.built.append(dict(path_or_repo=path_or_repo, device=device, dtype=dtype, encoder_only=encoder_only,
-                              progress=progress))
-        return cls()
+                              revision=revision, progress=progress))
+        return cls(encoder_only)
 
-    def sound2code(self, wav, batch_size=3):
+    def _encode(self, wav, batch_size):
         assert wav.ndim == 2 and wav.shape[0] == 2 and wav.dtype == torch.float32
-        self.calls.append(("sound2code", dict(batch_size=batch_size, n=wav.shape[-1])))
+        self.calls.append(("encode", dict(batch_size=batch_size, n=wav.shape[-1])))
         T = int(wav.shape[-1] / 48000 * 25) + 1
         frames = torch.nn.functional.pad(wav.abs().mean(0), (0, T * 1920 - wav.shape[-1])).reshape(T, 1920)
         return (frames.mean(1) * 1e5).long().remainder(16384).reshape(1, 1, T)
 
-    def code2sound(self, codes, num_steps=20, guidance_scale=1.5, prompt=None, generator=None, fast_vocoder=False):
+    def _decode(self, codes, limit, opts, prompt, noise):
         assert codes.dtype == torch.int64 and codes.ndim == 3 and codes.shape[:2] == (1, 1)
-        assert generator is None or generator.device.type == "cpu"
-        self.calls.append(("code2sound", dict(num_steps=num_steps, guidance_scale=guidance_scale, prompt=prompt,
-                                              seeded=generator is not None, fast_vocoder=fast_vocoder)))
-        level = (codes[0, 0].float() / 16384 * 0.5).repeat_interleave(1920)
-        noise = 0.01 * torch.randn(2, level.numel(), generator=generator)
-        return level.expand(2, -1) + noise
-
-    def sound2sound(self, wav, num_steps=50, guidance_scale=1.5, prompt=None, generator=None):
-        return self.code2sound(self.sound2code(wav), num_steps, guidance_scale, prompt, generator)
+        self.calls.append(("decode", dict(num_steps=opts.num_steps, guidance_scale=opts.guidance_scale,
+                                          prompt=prompt, seeded=opts.generator is not None,
+                                          fast_vocoder=opts.fast_vocoder)))
+        level = (codes[0, 0].float() / 16384 * 0.5).repeat_interleave(1920)[:limit]
+        out = level.expand(2, -1) + 0.01 * torch.randn(2, level.numel(), generator=opts.generator)
+        yield from out.split(48000, -1)  # pieces, as the real decoder streams windows
 
 
 @pytest.fixture(autouse=True)
-def _forget_builds():
+def fake(monkeypatch):
+    """Every from_pretrained in these tests builds a FakeCodec; the notebook's model starts unloaded."""
     FakeCodec.built.clear()
+    monkeypatch.setattr(MuCodec, "from_pretrained", FakeCodec.from_pretrained)
+    monkeypatch.setattr(api, "_current", None)
+    codecs = []
+    real = FakeCodec.from_pretrained.__func__
+
+    def build(cls, *a, **kw):
+        codecs.append(real(FakeCodec, *a, **kw))
+        return codecs[-1]
+
+    monkeypatch.setattr(MuCodec, "from_pretrained", classmethod(build))
+    return codecs
 
 
-@pytest.fixture
-def codec_holder():
-    """Runs main() with the fake codec and remembers the instance it built."""
-    holder = {}
-
-    def factory(**kw):
-        holder["codec"] = FakeCodec.from_pretrained(**kw)
-        return holder["codec"]
-
-    def run(*argv):
-        return generate.main([str(a) for a in argv], codec_factory=factory)
-
-    holder["run"] = run
-    return holder
+def run(*argv) -> int:
+    return cli.main([str(a) for a in argv])
 
 
 def tone(path: Path, seconds=0.5, rate=48000, channels=2, **kw) -> Path:
@@ -95,57 +107,91 @@ def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob(".*")]
 
 
-# ---- help and argument checks ------------------------------------------------------------------
+# ---- the layers: generate.py is a shim, the package owns the logic ------------------------------
+
+def test_generate_is_a_thin_shim():
+    assert generate.sound2code is mucodec.sound2code is api.sound2code
+    assert generate.code2sound is mucodec.code2sound and generate.sound2sound is mucodec.sound2sound
+    assert generate.cli is cli.cli
+    own = [name for name, v in vars(generate).items() if inspect.isfunction(v) and v.__module__ == "generate"]
+    assert own == []  # no logic of its own: every function comes from the package
+
+
+def test_notebook_functions_share_the_methods_signatures():
+    for name in ("sound2code", "code2sound", "sound2sound"):
+        fn, method = inspect.signature(getattr(api, name)), inspect.signature(getattr(MuCodec, name))
+        params = list(fn.parameters.values())
+        assert [p.kind for p in params[1:]] == [inspect.Parameter.KEYWORD_ONLY] * (len(params) - 1), name
+        assert list(fn.parameters)[1:] == list(method.parameters)[2:], name  # same options, same order
+        assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in list(method.parameters.values())[2:]), name
+
 
 def test_help_lists_defaults(capsys):
     with pytest.raises(SystemExit) as e:
-        generate.main(["--help"])
+        cli.main(["--help"], prog="generate.py")
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     for words in ("50 to reconstruct audio", "20 to decode a token file", "(default: 1.5)", "(default: 3)",
                   "(default: float32)", "(default: auto)", ".mct", "--overwrite", "--encode", "--prompt", "--seed",
-                  "--quiet", "tools/audioldm_48k.pth", "https://huggingface.co/MuCodec/mucodec", "32-bit float WAV"):
+                  "--quiet", "--revision", "tools/audioldm_48k.pth", "https://huggingface.co/MuCodec/mucodec",
+                  "32-bit float WAV"):
         assert words in out, words
 
 
 @pytest.mark.parametrize("argv, words", [
     (["x.wav", "--dtype", "float16", "--device", "cpu"], "needs a GPU"),
     (["x.wav", "--steps", "0"], "--steps"),
+    (["x.wav", "--steps", "100000"], "--steps"),
     (["x.wav", "--batch-size", "0"], "--batch-size"),
+    (["x.wav", "--batch-size", "-1"], "--batch-size"),
     (["x.wav", "--encode", "--prompt", "p.wav"], "--prompt"),
-    (["x.wav", "--device", "tpu9"], "unknown device"),
+    (["x.wav", "--device", "tpu9"], "nknown device"),
+    (["x.wav", "--device", "xpu"], "not supported"),
     (["x.wav", "--guidance", "lots"], "invalid float"),
+    (["x.wav", "--guidance", "nan"], "--guidance"),
+    (["x.wav", "--guidance", "inf"], "--guidance"),
+    (["x.wav", "--guidance", "0.5"], "--guidance"),
+    (["x.wav", "--seed", str(2 ** 64)], "--seed"),
+    (["x.wav", "--seed", "-1"], "--seed"),
 ])
 def test_usage_errors_exit_2(capsys, argv, words):
     with pytest.raises(SystemExit) as e:
-        generate.main(argv, codec_factory=FakeCodec.from_pretrained)
+        run(*argv)
     assert e.value.code == 2
     assert words in capsys.readouterr().err
     assert FakeCodec.built == []
 
 
+def test_cuda_device_without_cuda_is_a_usage_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        run("x.wav", "--device", "cuda")
+    assert e.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
 def test_output_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "out").write_text("x")
     with pytest.raises(SystemExit) as e:
-        generate.main([str(tone(tmp_path / "a.wav")), "-o", str(tmp_path / "out")])
+        run(tone(tmp_path / "a.wav"), "-o", tmp_path / "out")
     assert e.value.code == 2 and "must name a folder" in capsys.readouterr().err
 
 
 # ---- reconstruct, encode, decode ---------------------------------------------------------------
 
-def test_reconstruct_one_file(tmp_path, codec_holder, capsys):
-    src = tone(tmp_path / "song.wav", seconds=0.77)
-    assert codec_holder["run"](src, "-o", tmp_path / "out" / "new") == 0
+def test_reconstruct_one_file(tmp_path, fake, capsys):
+    src = tone(tmp_path / "song.wav", seconds=2.77)
+    assert run(src, "-o", tmp_path / "out" / "new") == 0
     dst = tmp_path / "out" / "new" / "song.wav"
     info = sf.info(str(dst))
-    assert (info.samplerate, info.channels, info.subtype, info.frames) == (48000, 2, "FLOAT", int(0.77 * 48000))
+    assert (info.samplerate, info.channels, info.subtype, info.frames) == (48000, 2, "FLOAT", int(2.77 * 48000))
     built = FakeCodec.built[0]
-    assert built["device"] == "cpu" and built["dtype"] == torch.float32
+    assert built["device"] == "cpu" and built["dtype"] == torch.float32 and built["revision"] is None
     assert built["encoder_only"] is False and built["progress"] is False  # stderr is not a terminal here
-    assert built["path_or_repo"] == generate.default_ckpt()
-    calls = codec_holder["codec"].calls
-    assert calls[0] == ("sound2code", dict(batch_size=3, n=int(0.77 * 48000)))
-    assert calls[1][1] == dict(num_steps=50, guidance_scale=1.5, prompt=None, seeded=False, fast_vocoder=False)
+    assert built["path_or_repo"] == api.default_checkpoint()
+    calls = fake[0].calls
+    assert calls[0] == ("encode", dict(batch_size=3, n=int(2.77 * 48000)))
+    assert calls[1][1] == dict(num_steps=50, guidance_scale=1.5, prompt=None, seeded=False, fast_vocoder=True)
     assert f"-> {dst}" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
     umask = os.umask(0)
@@ -153,33 +199,42 @@ def test_reconstruct_one_file(tmp_path, codec_holder, capsys):
     assert dst.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not a private temporary one
 
 
-def test_flags_reach_the_codec(tmp_path, codec_holder):
+def test_streamed_output_equals_the_whole_decode(tmp_path, fake):
+    src = tone(tmp_path / "a.wav", seconds=3.3)
+    assert run(src, "-o", tmp_path / "o", "--seed", "5") == 0
+    written, _ = sf.read(str(tmp_path / "o" / "a.wav"), dtype="float32")
+    codec = fake[0]
+    whole = codec.sound2sound(str(src), seed=5)
+    assert np.array_equal(written.T, whole.numpy())
+
+
+def test_flags_reach_the_codec(tmp_path, fake):
     src = tone(tmp_path / "a.wav")
     prompt = tone(tmp_path / "p.wav", seconds=0.3, rate=44100, channels=1)
-    assert codec_holder["run"](src, "-o", tmp_path / "o", "--steps", "7", "--guidance", "2.5", "--batch-size", "1",
-                               "--seed", "3", "--prompt", prompt, "--ckpt", "some/where", "--device", "cpu",
-                               "--fast-vocoder") == 0
-    assert FakeCodec.built[0]["path_or_repo"] == "some/where"
-    (_, enc), (_, dec) = codec_holder["codec"].calls
+    assert run(src, "-o", tmp_path / "o", "--steps", "7", "--guidance", "2.5", "--batch-size", "1", "--seed", "3",
+               "--prompt", prompt, "--ckpt", "some/where", "--device", "cpu", "--official-vocoder",
+               "--revision", "v1") == 0
+    assert FakeCodec.built[0]["path_or_repo"] == "some/where" and FakeCodec.built[0]["revision"] == "v1"
+    (_, enc), (_, dec) = fake[0].calls
     assert enc["batch_size"] == 1
-    assert dec["num_steps"] == 7 and dec["guidance_scale"] == 2.5 and dec["seeded"] and dec["fast_vocoder"]
-    assert dec["prompt"].shape == (2, int(0.3 * 48000)) and dec["prompt"].dtype == torch.float32
+    assert dec["num_steps"] == 7 and dec["guidance_scale"] == 2.5 and dec["seeded"] and not dec["fast_vocoder"]
+    assert dec["prompt"].wav.shape == (2, int(0.3 * 48000)) and dec["prompt"].wav.dtype == torch.float32
 
 
-def test_seed_makes_output_reproducible(tmp_path, codec_holder):
+def test_seed_makes_output_reproducible(tmp_path):
     src = tone(tmp_path / "a.wav")
     for name in ("s1", "s2"):
-        assert codec_holder["run"](src, "-o", tmp_path / name, "--seed", "11") == 0
-    assert codec_holder["run"](src, "-o", tmp_path / "r") == 0
+        assert run(src, "-o", tmp_path / name, "--seed", "11") == 0
+    assert run(src, "-o", tmp_path / "r") == 0
     s1, s2, r = (sf.read(str(tmp_path / n / "a.wav"))[0] for n in ("s1", "s2", "r"))
     assert np.array_equal(s1, s2) and not np.array_equal(s1, r)
 
 
-def test_encode_then_decode(tmp_path, codec_holder):
+def test_encode_then_decode(tmp_path, fake):
     src = tone(tmp_path / "in" / "mono.flac", seconds=1.3, rate=44100, channels=1)
-    assert codec_holder["run"]("--encode", src, "-o", tmp_path / "tok") == 0
+    assert run("--encode", src, "-o", tmp_path / "tok") == 0
     assert FakeCodec.built[-1]["encoder_only"] is True
-    assert [c[0] for c in codec_holder["codec"].calls] == ["sound2code"]
+    assert [c[0] for c in fake[-1].calls] == ["encode"]
     token = tmp_path / "tok" / "mono.mct"
     codes, header = load_codes(token)
     n48 = round(1.3 * 48000)
@@ -188,45 +243,48 @@ def test_encode_then_decode(tmp_path, codec_holder):
     assert header["original_channels"] == 1 and header["layer"] == 6
     assert os.path.getsize(token) < 300 + 14 * codes.shape[-1] / 8 + 1
 
-    assert codec_holder["run"](token, "-o", tmp_path / "dec") == 0
+    assert run(token, "-o", tmp_path / "dec") == 0
     assert FakeCodec.built[-1]["encoder_only"] is False
-    (_, dec), = codec_holder["codec"].calls
+    (_, dec), = fake[-1].calls
     assert dec["num_steps"] == 20  # the official code2sound default for token files
     assert sf.info(str(tmp_path / "dec" / "mono.wav")).frames == n48  # cut to the original length
 
 
-def test_token_file_is_recognised_by_content_not_name(tmp_path, codec_holder):
+def test_token_file_is_recognised_by_content_not_only_name(tmp_path):
     save_codes(tmp_path / "weird.bin", torch.tensor([1, 2, 3]), num_samples=4000)
-    assert codec_holder["run"](tmp_path / "weird.bin", "-o", tmp_path / "o") == 0
+    assert run(tmp_path / "weird.bin", "-o", tmp_path / "o") == 0
     assert sf.info(str(tmp_path / "o" / "weird.wav")).frames == 4000
 
 
-def test_encode_refuses_token_files(tmp_path, codec_holder, capsys):
+def test_encode_refuses_token_files(tmp_path, capsys):
     save_codes(tmp_path / "t.mct", torch.tensor([1, 2, 3]))
-    assert codec_holder["run"]("--encode", tmp_path / "t.mct", "-o", tmp_path / "o") == 1
+    assert run("--encode", tmp_path / "t.mct", "-o", tmp_path / "o") == 1
     assert "already a token file" in capsys.readouterr().err
     assert FakeCodec.built == []  # nothing to do: the model is not even loaded
 
 
-def test_incompatible_token_file_is_refused(tmp_path, codec_holder, capsys):
+def test_incompatible_token_file_is_refused(tmp_path, capsys):
     save_codes(tmp_path / "t.mct", torch.tensor([1, 2, 3]), codebook_size=1024)
-    assert codec_holder["run"](tmp_path / "t.mct", "-o", tmp_path / "o") == 1
+    assert run(tmp_path / "t.mct", "-o", tmp_path / "o") == 1
     assert "was made with codebook_size 1024, but this model uses 16384" in capsys.readouterr().err
     assert not (tmp_path / "o" / "t.wav").exists()
 
 
-def test_damaged_token_file_fails_cleanly(tmp_path, codec_holder, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_damaged_token_file_is_named_as_a_token_file(tmp_path, capsys, damage):
     path = save_codes(tmp_path / "t.mct", torch.tensor([1, 2, 3]))
-    path.write_bytes(path.read_bytes()[:-1])
-    assert codec_holder["run"](path, "-o", tmp_path / "o") == 1
+    data = {"truncated": path.read_bytes()[:-1], "empty": b"", "text": b"hello, not codes"}[damage]
+    path.write_bytes(data)
+    assert run(path, "-o", tmp_path / "o") == 1
     err = capsys.readouterr().err
-    assert "is damaged" in err and "Traceback" not in err
+    assert "t.mct" in err and "Traceback" not in err and "WAV or FLAC" not in err
+    assert "token file" in err or "damaged" in err
     assert list((tmp_path / "o").iterdir()) == []
 
 
-# ---- inputs: folders, globs, missing things ----------------------------------------------------
+# ---- inputs: folders, globs, missing and odd things --------------------------------------------
 
-def test_folder_is_searched_recursively(tmp_path, codec_holder):
+def test_folder_is_searched_recursively(tmp_path):
     music = tmp_path / "music"
     tone(music / "a.wav")
     tone(music / "sub" / "b.flac")
@@ -236,182 +294,238 @@ def test_folder_is_searched_recursively(tmp_path, codec_holder):
     tone(music / ".hidden.wav")
     tone(music / ".cache" / "f.wav")
     (music / "notes.txt").write_text("not audio")
-    assert codec_holder["run"](music, "-o", tmp_path / "out") == 0
+    assert run(music, "-o", tmp_path / "out") == 0
     out = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert out == ["a.wav", "d.wav", "sub/b.wav", "sub/deeper/c.wav", "sub/e.wav"]
 
 
-def test_output_folder_inside_input_folder_is_not_an_input(tmp_path, codec_holder):
+def test_output_folder_inside_input_folder_is_not_an_input(tmp_path):
     tone(tmp_path / "a.wav")
-    assert codec_holder["run"](tmp_path, "-o", tmp_path / "out") == 0
-    assert codec_holder["run"](tmp_path, "-o", tmp_path / "out", "--overwrite") == 0
+    assert run(tmp_path, "-o", tmp_path / "out") == 0
+    assert run(tmp_path, "-o", tmp_path / "out", "--overwrite") == 0
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["a.wav"]
 
 
-def test_glob_patterns(tmp_path, codec_holder):
+def test_glob_patterns(tmp_path):
     for name in ("x1.flac", "x2.flac", "y.wav", "deep/x3.flac"):
         tone(tmp_path / name)
-    assert codec_holder["run"](str(tmp_path / "*.flac"), str(tmp_path / "**" / "x3.*"), "-o", tmp_path / "o") == 0
+    assert run(str(tmp_path / "*.flac"), str(tmp_path / "**" / "x3.*"), "-o", tmp_path / "o") == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x1.wav", "x2.wav", "x3.wav"]
 
 
-def test_same_file_twice_is_done_once(tmp_path, codec_holder):
+def test_same_file_twice_is_done_once(tmp_path, fake):
     src = tone(tmp_path / "a.wav")
-    assert codec_holder["run"](src, str(tmp_path / "*.wav"), "-o", tmp_path / "o") == 0
-    assert len(codec_holder["codec"].calls) == 2  # one encode, one decode
+    assert run(src, str(tmp_path / "*.wav"), "-o", tmp_path / "o") == 0
+    assert len(fake[0].calls) == 2  # one encode, one decode
 
 
 @pytest.mark.parametrize("make, words", [
     (lambda p: str(p / "nope.wav"), "does not exist"),
     (lambda p: str(p / "*.nothing"), "matches no file"),
     (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no audio"),
+    (lambda p: "/dev/zero", "not a regular file"),
+    (lambda p: os.mkfifo(p / "pipe.wav") or str(p / "pipe.wav"), "not a regular file"),
 ])
-def test_missing_inputs(tmp_path, codec_holder, capsys, make, words):
-    assert codec_holder["run"](make(tmp_path), "-o", tmp_path / "o") == 1
+def test_missing_and_odd_inputs(tmp_path, capsys, make, words):
+    result = []
+    worker = threading.Thread(target=lambda: result.append(run(make(tmp_path), "-o", tmp_path / "o")), daemon=True)
+    worker.start()
+    worker.join(60)  # a named pipe must be refused, not opened: opening one blocks forever
+    assert result == [1]
     err = capsys.readouterr().err
     assert words in err and "0 done, 1 failed" in err
     assert FakeCodec.built == []
 
 
+def test_long_file_names_can_be_written(tmp_path):
+    name = "n" * 240  # legal (255 bytes is the limit); the temporary name must fit as well
+    src = tone(tmp_path / "in" / f"{name}.wav")
+    assert run(src, "-o", tmp_path / "o") == 0
+    assert (tmp_path / "o" / f"{name}.wav").is_file()
+    assert run("--encode", src, "-o", tmp_path / "t") == 0
+    assert (tmp_path / "t" / f"{name}.mct").is_file()
+
+
 # ---- outputs: overwrite refusal, collisions, atomicity -----------------------------------------
 
-def test_refuses_to_overwrite(tmp_path, codec_holder, capsys):
+def test_refuses_to_overwrite(tmp_path, capsys):
     src = tone(tmp_path / "a.wav")
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "a.wav").write_bytes(b"precious")
-    assert codec_holder["run"](src, "-o", tmp_path / "o") == 1
+    assert run(src, "-o", tmp_path / "o") == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "o" / "a.wav").read_bytes() == b"precious"
     assert FakeCodec.built == []
-    assert codec_holder["run"](src, "-o", tmp_path / "o", "--overwrite") == 0
+    assert run(src, "-o", tmp_path / "o", "--overwrite") == 0
     assert sf.info(str(tmp_path / "o" / "a.wav")).subtype == "FLOAT"
 
 
-def test_never_overwrites_its_own_input(tmp_path, codec_holder, capsys):
+def test_never_overwrites_its_own_input(tmp_path, capsys):
     src = tone(tmp_path / "a.wav")
     before = src.read_bytes()
-    assert codec_holder["run"](src, "-o", tmp_path, "--overwrite") == 1
+    assert run(src, "-o", tmp_path, "--overwrite") == 1
     assert "overwritten by its own output" in capsys.readouterr().err
     assert src.read_bytes() == before
 
 
-def test_two_inputs_with_one_output_name(tmp_path, codec_holder, capsys):
+def test_two_inputs_with_one_output_name(tmp_path, capsys):
     tone(tmp_path / "in" / "a.wav")
     tone(tmp_path / "in" / "a.flac")
-    assert codec_holder["run"](tmp_path / "in", "-o", tmp_path / "o") == 1
+    assert run(tmp_path / "in", "-o", tmp_path / "o") == 1
     err = capsys.readouterr().err
     assert "1 done, 1 failed" in err and "already writes" in err
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["a.wav"]
 
 
-def test_output_folder_that_cannot_be_created(tmp_path, codec_holder, capsys):
+def test_output_folder_that_cannot_be_created(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert codec_holder["run"](tone(tmp_path / "a.wav"), "-o", tmp_path / "file" / "sub") == 1
+    assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "file" / "sub") == 1
     assert "Cannot create the output folder" in capsys.readouterr().err
     assert FakeCodec.built == []  # found out before loading the model
 
 
-def test_output_folder_is_created_only_when_something_is_written(tmp_path, capsys):
-    def missing(**kw):
+def test_output_folder_is_created_only_when_something_is_written(tmp_path, monkeypatch):
+    def missing(*a, **kw):
         raise CheckpointError("No weights.")
 
-    assert generate.main([str(tone(tmp_path / "a.wav")), "-o", str(tmp_path / "new" / "o")],
-                         codec_factory=missing) == 1
+    monkeypatch.setattr(MuCodec, "from_pretrained", missing)
+    assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "new" / "o") == 1
     assert not (tmp_path / "new").exists()
 
 
-def test_batch_keeps_going_and_summarises(tmp_path, codec_holder, capsys):
+def test_batch_keeps_going_and_summarises(tmp_path, capsys):
     tone(tmp_path / "in" / "a.wav")
     (tmp_path / "in" / "b.wav").write_bytes(b"RIFF but not really a wave file")
     tone(tmp_path / "in" / "c.wav")
-    assert codec_holder["run"](tmp_path / "in", "-o", tmp_path / "o") == 1
+    assert run(tmp_path / "in", "-o", tmp_path / "o") == 1
     err = capsys.readouterr().err
     assert "2 done, 1 failed" in err and "b.wav" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.wav", "c.wav"]  # no partial b.wav
 
 
-def test_codec_errors_and_bugs_do_not_stop_the_batch(tmp_path, capsys):
+def _broken(monkeypatch, decode):
+    """Make the fake decoder call ``decode(codes, pieces)`` for its pieces."""
+    real = FakeCodec._decode
+
+    def _decode(self, codes, limit, opts, prompt, noise):
+        return decode(codes, real(self, codes, limit, opts, prompt, noise))
+
+    monkeypatch.setattr(FakeCodec, "_decode", _decode)
+
+
+def test_codec_errors_and_bugs_do_not_stop_the_batch(tmp_path, capsys, monkeypatch):
     for n in "abc":
         tone(tmp_path / "in" / f"{n}.wav", seconds=0.1 + 0.1 * "abc".index(n))
 
-    class Flaky(FakeCodec):
-        def code2sound(self, codes, **kw):
-            n = codes.shape[-1]
-            if n == 3:
-                raise MuCodecError("The decoder refused this file.")
-            if n == 6:
-                raise RuntimeError("an internal bug")
-            return super().code2sound(codes, **kw)
+    def decode(codes, pieces):
+        if codes.shape[-1] == 3:
+            raise MuCodecError("The decoder refused this file.")
+        if codes.shape[-1] == 6:
+            raise RuntimeError("an internal bug")
+        yield from pieces
 
-    assert generate.main([str(tmp_path / "in"), "-o", str(tmp_path / "o")], codec_factory=lambda **kw: Flaky()) == 1
+    _broken(monkeypatch, decode)
+    assert run(tmp_path / "in", "-o", tmp_path / "o") == 1
     err = capsys.readouterr().err
     assert "1 done, 2 failed" in err and "The decoder refused this file." in err
     assert "internal error RuntimeError: an internal bug" in err and "Traceback" in err  # bugs show where
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["c.wav"]
 
 
-def test_interrupt_keeps_finished_files_and_writes_no_partial_one(tmp_path, capsys):
-    tone(tmp_path / "in" / "a.wav", seconds=0.1)
-    tone(tmp_path / "in" / "b.wav", seconds=0.2)
+def test_failure_midway_through_a_stream_leaves_nothing(tmp_path, capsys, monkeypatch):
+    def decode(codes, pieces):
+        for i, piece in enumerate(pieces):
+            if i == 1:
+                raise NumericalError("the flow decoder produced NaN or infinite values; ckpt/mucodec.pt is damaged.")
+            yield piece
 
-    class Interrupted(FakeCodec):
-        def code2sound(self, codes, **kw):
-            if codes.shape[-1] == 6:
-                raise KeyboardInterrupt
-            return super().code2sound(codes, **kw)
-
-    assert generate.main([str(tmp_path / "in"), "-o", str(tmp_path / "o")],
-                         codec_factory=lambda **kw: Interrupted()) == 130
-    assert "interrupted" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["a.wav"]
-
-
-def test_out_of_memory_is_one_sentence(tmp_path, capsys):
-    class Hungry(FakeCodec):
-        def sound2code(self, wav, batch_size=3):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    assert generate.main([str(tone(tmp_path / "a.wav")), "-o", str(tmp_path / "o")],
-                         codec_factory=lambda **kw: Hungry()) == 1
-    err = capsys.readouterr().err
-    assert "Out of memory on cpu" in err and "--batch-size 1" in err and "Traceback" not in err
-
-
-def test_non_finite_output_is_not_written(tmp_path, capsys):
-    class Broken(FakeCodec):
-        def code2sound(self, codes, **kw):
-            return torch.full((2, codes.shape[-1] * 1920), float("nan"))
-
-    assert generate.main([str(tone(tmp_path / "a.wav")), "-o", str(tmp_path / "o")],
-                         codec_factory=lambda **kw: Broken()) == 1
+    _broken(monkeypatch, decode)
+    assert run(tone(tmp_path / "a.wav", seconds=3), "-o", tmp_path / "o") == 1
     assert "NaN" in capsys.readouterr().err
     assert list((tmp_path / "o").iterdir()) == []
 
 
-def test_write_failure_leaves_nothing(tmp_path, codec_holder, monkeypatch, capsys):
-    monkeypatch.setattr(generate.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
-    assert codec_holder["run"](tone(tmp_path / "a.wav"), "-o", tmp_path / "o") == 1
+def test_interrupt_keeps_finished_files_and_writes_no_partial_one(tmp_path, capsys, monkeypatch):
+    tone(tmp_path / "in" / "a.wav", seconds=0.1)
+    tone(tmp_path / "in" / "b.wav", seconds=2.2)
+
+    def decode(codes, pieces):
+        for i, piece in enumerate(pieces):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield piece
+
+    _broken(monkeypatch, decode)
+    assert run(tmp_path / "in", "-o", tmp_path / "o") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["a.wav"]
+
+
+def test_out_of_memory_is_one_sentence(tmp_path, capsys, monkeypatch):
+    def hungry(self, wav, batch_size):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(FakeCodec, "_encode", hungry)
+    assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert "Out of memory on cpu" in err and "--batch-size 1" in err and "Traceback" not in err
+
+
+def test_non_finite_output_is_not_written(tmp_path, capsys, monkeypatch):
+    def decode(codes, pieces):
+        for piece in pieces:
+            yield torch.full_like(piece, float("inf"))
+
+    _broken(monkeypatch, decode)
+    assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o") == 1
+    err = capsys.readouterr().err.split("\n", 1)[1]  # after the "loading ... (float32)" line
+    assert "NaN or infinite" in err and "float32" not in err  # no advice to use the precision it already uses
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_write_failure_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import mucodec.tokens
+
+    monkeypatch.setattr(mucodec.tokens.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o") == 1
     assert "No space left" in capsys.readouterr().err
     assert list((tmp_path / "o").iterdir()) == []
 
 
-def test_quiet_prints_nothing_on_success(tmp_path, codec_holder, capsys):
+def test_quiet_prints_nothing_on_success(tmp_path, capsys):
     tone(tmp_path / "in" / "a.wav")
     tone(tmp_path / "in" / "b.wav")
-    assert codec_holder["run"](tmp_path / "in", "-o", tmp_path / "o", "--quiet") == 0
+    assert run(tmp_path / "in", "-o", tmp_path / "o", "--quiet") == 0
     assert capsys.readouterr() == ("", "")
+
+
+# ---- prompt ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, words", [(b"junk", "p.wav"), (None, "a prompt needs at least")])
+def test_bad_prompt_fails_once_before_any_file(tmp_path, capsys, content, words):
+    prompt = tmp_path / "p.wav"
+    if content is None:
+        tone(prompt, seconds=0.01)  # readable, but shorter than one latent frame
+    else:
+        prompt.write_bytes(content)
+    for n in "abc":
+        tone(tmp_path / "in" / f"{n}.wav")
+    assert run(tmp_path / "in", "--prompt", prompt, "-o", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert err.count("p.wav") == 1 and words in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 # ---- the official default and the weights message ----------------------------------------------
 
-def test_no_arguments_reconstructs_the_demo_song(tmp_path, codec_holder, monkeypatch):
+def test_no_arguments_reconstructs_the_demo_song(tmp_path, monkeypatch):
     (tmp_path / "test_wav").mkdir()
     (tmp_path / "test_wav" / "test.wav").write_bytes((REPO / "test_wav" / "test.wav").read_bytes())
-    monkeypatch.setattr(generate, "REPO", tmp_path)
-    assert codec_holder["run"]() == 0
+    monkeypatch.setattr(api, "REPO_ROOT", tmp_path)
+    assert run() == 0
     frames = sf.info(str(REPO / "test_wav" / "test.wav")).frames
     assert sf.info(str(tmp_path / "reconstruct" / "test.wav")).frames == frames
-    assert FakeCodec.built[0]["path_or_repo"] == generate.HUB_REPO  # no weights in tmp_path
+    assert FakeCodec.built[0]["path_or_repo"] == "MuCodec/mucodec"  # no weights in tmp_path
 
 
 def test_demo_song_is_what_the_script_makes(tmp_path):
@@ -426,30 +540,24 @@ def test_demo_song_is_what_the_script_makes(tmp_path):
     assert np.corrcoef(x.T)[0, 1] < 0.99  # really stereo
 
 
-def test_default_ckpt_prefers_the_repo_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(generate, "REPO", tmp_path)
-    assert generate.default_ckpt() == generate.HUB_REPO
-    for f in generate.CKPT_FILES:
+def test_default_checkpoint_prefers_the_repo_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "REPO_ROOT", tmp_path)
+    assert api.default_checkpoint() == "MuCodec/mucodec"
+    for f in ("tools/audioldm_48k.pth", "muq_dev/muq.pt", "ckpt/mucodec.pt"):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_bytes(b"")
-    assert generate.default_ckpt() == str(tmp_path)
+    assert api.default_checkpoint() == str(tmp_path)
 
 
-def test_checkpoint_error_is_one_sentence(tmp_path, capsys):
-    def missing(**kw):
+def test_checkpoint_error_is_one_sentence(tmp_path, capsys, monkeypatch):
+    def missing(*a, **kw):
         raise CheckpointError("MuCodec needs tools/audioldm_48k.pth, muq_dev/muq.pt and ckpt/mucodec.pt.")
 
-    assert generate.main([str(tone(tmp_path / "a.wav")), "-o", str(tmp_path / "o")], codec_factory=missing) == 1
+    monkeypatch.setattr(MuCodec, "from_pretrained", missing)
+    assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o") == 1
     err = capsys.readouterr().err
     assert err.strip().endswith("error: MuCodec needs tools/audioldm_48k.pth, muq_dev/muq.pt and ckpt/mucodec.pt.")
     assert not (tmp_path / "o").exists()
-
-
-def test_bad_prompt_is_one_sentence(tmp_path, codec_holder, capsys):
-    (tmp_path / "p.wav").write_bytes(b"junk")
-    assert codec_holder["run"](tone(tmp_path / "a.wav"), "--prompt", tmp_path / "p.wav", "-o", tmp_path / "o") == 1
-    err = capsys.readouterr().err
-    assert "p.wav" in err and "Traceback" not in err
 
 
 # ---- through a real process: exit codes, no tracebacks -----------------------------------------
@@ -466,8 +574,11 @@ def test_process_batch_with_a_failure(tmp_path):
     driver.write_text(textwrap.dedent(f"""
         import sys
         sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
-        import generate, test_cli
-        sys.exit(generate.main(sys.argv[1:], codec_factory=test_cli.FakeCodec.from_pretrained))
+        import test_cli
+        from mucodec import cli
+        from mucodec.codec import MuCodec
+        MuCodec.from_pretrained = test_cli.FakeCodec.from_pretrained
+        sys.exit(cli.main(sys.argv[1:]))
     """))
     r = run_process([str(driver), "in"], tmp_path)
     assert r.returncode == 1, r.stderr
@@ -476,43 +587,41 @@ def test_process_batch_with_a_failure(tmp_path):
     assert not (tmp_path / "reconstruct" / "b.wav").exists()
 
 
-def test_process_without_weights_explains_where_to_get_them(tmp_path):
-    pytest.importorskip("mucodec.codec")
+@pytest.mark.parametrize("entry", [["generate.py"], ["-m", "mucodec"]])
+def test_process_without_weights_explains_where_to_get_them(tmp_path, entry):
     (tmp_path / "empty").mkdir()
     tone(tmp_path / "a.wav")
-    for ckpt in (["--ckpt", str(tmp_path / "empty")], [] if generate.default_ckpt() == generate.HUB_REPO else None):
-        if ckpt is None:
-            continue
-        r = run_process([str(REPO / "generate.py"), "a.wav", "-o", "o", *ckpt], tmp_path)
-        assert r.returncode == 1
-        assert "Traceback" not in r.stderr, r.stderr
-        assert "https://huggingface.co/MuCodec/mucodec" in r.stderr
-        for f in ("audioldm_48k.pth", "muq.pt", "mucodec.pt"):
-            assert f in r.stderr
-        assert not (tmp_path / "o" / "a.wav").exists()
+    script = [str(REPO / entry[0])] if entry[0].endswith(".py") else entry
+    r = run_process([*script, "a.wav", "-o", "o", "--ckpt", str(tmp_path / "empty")], tmp_path)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "https://huggingface.co/MuCodec/mucodec" in r.stderr
+    for f in ("audioldm_48k.pth", "muq.pt", "mucodec.pt"):
+        assert f in r.stderr
+    assert not (tmp_path / "o" / "a.wav").exists()
 
 
 def test_process_help_is_fast_and_clean(tmp_path):
     r = run_process([str(REPO / "generate.py"), "--help"], tmp_path)
     assert r.returncode == 0 and "usage: generate.py" in r.stdout and r.stderr == ""
+    r = run_process(["-m", "mucodec", "--help"], tmp_path)
+    assert r.returncode == 0 and "usage: python -m mucodec" in r.stdout and r.stderr == ""
+
+
+def test_process_bad_command_line_exits_2(tmp_path):
+    r = run_process([str(REPO / "generate.py"), "a.wav", "--steps", "0"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
 # ---- notebook API ----------------------------------------------------------------------------------
 
-@pytest.fixture
-def fake_default_codec(monkeypatch):
-    codec = FakeCodec()
-    monkeypatch.setattr(generate, "_codec", codec)
-    monkeypatch.setattr(generate, "_codec_settings", (generate.default_ckpt(), generate.pick_device(), torch.float32))
-    return codec
-
-
-def test_notebook_api_with_paths_and_tensors(tmp_path, fake_default_codec):
+def test_notebook_api_with_paths_and_tensors(tmp_path, fake):
     src = tone(tmp_path / "a.wav", seconds=0.6)
     codes = generate.sound2code(src)
     assert codes.shape == (1, 1, int(0.6 * 25) + 1) and codes.dtype == torch.int64
     mono = torch.from_numpy(sf.read(str(src), dtype="float32")[0][:, 0].copy())
     assert generate.sound2code(mono).shape == codes.shape  # (N,) is duplicated to stereo
+    assert generate.sound2code(mono.numpy()).shape == codes.shape  # numpy arrays too
     resampled = generate.sound2code(mono[::2].clone(), sample_rate=24000)
     assert resampled.shape == codes.shape
     wav = generate.code2sound(codes, seed=1)
@@ -521,23 +630,23 @@ def test_notebook_api_with_paths_and_tensors(tmp_path, fake_default_codec):
     token = save_codes(tmp_path / "a.mct", codes, num_samples=int(0.6 * 48000))
     assert generate.code2sound(token).shape == (2, int(0.6 * 48000))
     assert generate.sound2sound(src).shape == (2, int(0.6 * 48000))
-    assert fake_default_codec.calls[-1][1]["num_steps"] == 50
+    assert fake[0].calls[-1][1]["num_steps"] == 50
+    assert len(FakeCodec.built) == 1  # one default model for all of it
 
 
-def test_notebook_codec_is_built_once_per_settings(monkeypatch):
-    import mucodec.codec
-
-    monkeypatch.setattr(mucodec.codec.MuCodec, "from_pretrained", FakeCodec.from_pretrained)
-    monkeypatch.setattr(generate, "_codec", None)
-    monkeypatch.setattr(generate, "_codec_settings", None)
-    first = generate.get_codec()
-    assert generate.get_codec() is first and generate.get_codec(device=generate.pick_device()) is first
-    assert generate.get_codec(ckpt="elsewhere") is not first
-    assert [b["path_or_repo"] for b in FakeCodec.built] == [generate.default_ckpt(), "elsewhere"]
+def test_notebook_model_is_loaded_once_per_settings_and_never_silently_replaced(tmp_path):
+    first = api.load_model()
+    assert api.load_model() is first and api.load_model(device=api.pick_device()) is first
+    assert api.current_model() is first
+    other = api.load_model("elsewhere")
+    assert other is not first and api.current_model() is other
+    generate.sound2code(torch.zeros(2, 4800))  # uses the model loaded last, not the default
+    assert other.calls and not first.calls
+    assert [b["path_or_repo"] for b in FakeCodec.built] == [api.default_checkpoint(), "elsewhere"]
     assert FakeCodec.built[0]["encoder_only"] is False and FakeCodec.built[0]["dtype"] == torch.float32
 
 
-def test_notebook_api_rejects_bad_tensors(fake_default_codec):
+def test_notebook_api_rejects_bad_inputs():
     with pytest.raises(AudioError, match="shape"):
         generate.sound2code(torch.zeros(2, 2, 100))
     with pytest.raises(AudioError, match="floating-point"):
@@ -546,35 +655,73 @@ def test_notebook_api_rejects_bad_tensors(fake_default_codec):
         generate.sound2code(torch.full((2, 100), float("nan")))
 
 
+@pytest.mark.parametrize("call, error", [
+    (lambda: api.sound2code(torch.zeros(2, 100), sample_rate=0), ArgumentError),
+    (lambda: api.sound2code(torch.zeros(2, 100), sample_rate=-48000), ArgumentError),
+    (lambda: api.sound2code(torch.zeros(2, 100), batch_size=-1), ArgumentError),
+    (lambda: api.sound2code(torch.zeros(2, 100), batch_size=2.5), ArgumentError),
+    (lambda: api.sound2code("x.wav", sample_rate=44100), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], num_steps=0), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], num_steps=True), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], guidance_scale=float("nan")), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], guidance_scale=float("inf")), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], seed=2 ** 64), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], seed=1, generator=torch.Generator()), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], noise=torch.zeros(1, 32, 512, 32)), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], noise=[torch.zeros(1, 32, 511, 32)]), ArgumentError),
+    (lambda: api.code2sound([1, 2, 3], noise=[]), ArgumentError),
+    (lambda: api.code2sound(torch.tensor([1.0, 2.0])), CodesError),
+    (lambda: api.code2sound(np.array([2 ** 64 - 1], dtype=np.uint64)), CodesError),
+    (lambda: api.code2sound(torch.tensor([16384])), CodesError),
+    (lambda: api.code2sound(torch.zeros(1, 2, 3, dtype=torch.long)), CodesError),
+    (lambda: api.code2sound(Path("nope.mct")), TokenFileError),
+    (lambda: api.load_model(device="xpu"), ArgumentError),
+    (lambda: api.load_model(dtype="int8"), ArgumentError),
+])
+def test_notebook_arguments_are_checked_at_the_boundary(call, error):
+    with pytest.raises(error) as e:
+        call()
+    assert isinstance(e.value, MuCodecError)
+    message = str(e.value)
+    assert message.endswith(".") and "\n" not in message
+
+
+def test_value_errors_stay_value_errors():
+    with pytest.raises(ValueError):
+        api.code2sound([1, 2, 3], num_steps=0)
+    with pytest.raises(ValueError):
+        api.code2sound(torch.tensor([16384]))
+
+
 def test_notebook_docstrings_give_shapes_and_defaults():
     assert "(1, 1, T)" in generate.sound2code.__doc__ and "48" in generate.sound2code.__doc__
     assert "(2, T * 1920)" in generate.code2sound.__doc__ and "20" in generate.code2sound.__doc__
 
 
-# ---- the real codec on tiny checkpoints (runs once tests/conftest.py provides tiny_ckpt_dir) --------
+# ---- the real codec on tiny checkpoints ---------------------------------------------------------
 
 @pytest.fixture
-def tiny_ckpt(request):
-    try:
-        return request.getfixturevalue("tiny_ckpt_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py does not provide tiny_ckpt_dir yet")
+def real(monkeypatch):
+    monkeypatch.undo()  # the real from_pretrained
 
 
-def test_real_codec_encode_decode_reconstruct(tmp_path, tiny_ckpt, capsys):
+def test_real_codec_encode_decode_reconstruct(tmp_path, real, tiny_ckpt_dir, capsys):
     src = tmp_path / "test.wav"
     src.write_bytes((REPO / "test_wav" / "test.wav").read_bytes())
     n = sf.info(str(src)).frames
-    common = ["--ckpt", str(tiny_ckpt), "--device", "cpu", "--steps", "2", "--seed", "0"]
-    assert generate.main([str(src), "--encode", "-o", str(tmp_path / "tok"), *common]) == 0
+    common = ["--ckpt", str(tiny_ckpt_dir), "--device", "cpu", "--steps", "2", "--seed", "0"]
+    assert cli.main([str(src), "--encode", "-o", str(tmp_path / "tok"), *common]) == 0
     codes, header = load_codes(tmp_path / "tok" / "test.mct")
     assert codes.shape == (1, 1, int(n / 48000 * 25) + 1) and header["num_samples"] == n
     assert 0 <= int(codes.min()) and int(codes.max()) < 16384
-    assert generate.main([str(tmp_path / "tok" / "test.mct"), "-o", str(tmp_path / "dec"), *common]) == 0
-    assert generate.main([str(src), "-o", str(tmp_path / "rec"), *common]) == 0
+    assert cli.main([str(tmp_path / "tok" / "test.mct"), "-o", str(tmp_path / "dec"), *common]) == 0
+    assert cli.main([str(src), "-o", str(tmp_path / "rec"), *common]) == 0
     dec, rate = sf.read(str(tmp_path / "dec" / "test.wav"), dtype="float32")
     rec, _ = sf.read(str(tmp_path / "rec" / "test.wav"), dtype="float32")
     assert rate == 48000 and dec.shape == rec.shape == (n, 2) and np.isfinite(dec).all()
     # Same codes, same seed, same steps: decoding the token file equals reconstructing directly.
     assert np.array_equal(dec, rec)
+    codec = MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu")
+    # ... and both equal the notebook API's whole-array result (the files were streamed window by window)
+    assert np.array_equal(dec.T, codec.code2sound(tmp_path / "tok" / "test.mct", num_steps=2, seed=0).numpy())
     assert "Traceback" not in capsys.readouterr().err

@@ -122,9 +122,9 @@ def test_noise_injection_and_generator_reproducibility(tiny_codec, recorder):
 @pytest.mark.parametrize("bad", [torch.tensor([[[16384]]]), torch.tensor([[[-1]]]), torch.zeros(1, 1, 0, dtype=torch.long),
                                  torch.zeros(1, 1, 4), torch.zeros(2, 1, 4, dtype=torch.long)])
 def test_bad_codes_are_clear_errors(tiny_codec, bad):
-    from mucodec.errors import TokenFileError
+    from mucodec.errors import CodesError
 
-    with pytest.raises(TokenFileError):
+    with pytest.raises(CodesError, match=r"^codes .*\.$"):
         tiny_codec.code2sound(bad, num_steps=1)
 
 

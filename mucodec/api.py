@@ -1,0 +1,126 @@
+"""The notebook API: one default codec, loaded once, and the official functions on it.
+
+    import mucodec
+    codes = mucodec.sound2code("song.flac")          # LongTensor (1, 1, T), 25 codes per second
+    wav = mucodec.code2sound(codes)                  # float tensor (2, T * 1920) at 48 kHz
+
+``load_model`` picks the weights, device and precision; the functions use the model it loaded
+last (loading the default on first use), so a model is never reloaded behind the user's back.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DEFAULT_REPO, FILES
+from .codec import MuCodec, default_device
+from .errors import ArgumentError
+
+# The folder above the package: a source checkout in the official layout keeps its weights there.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+_current: tuple[tuple, MuCodec] | None = None
+
+
+def default_checkpoint() -> str:
+    """The folder above the package when it holds the three official files, else the hub repo id."""
+    return str(REPO_ROOT) if all((REPO_ROOT / f).is_file() for f in FILES.values()) else DEFAULT_REPO
+
+
+def pick_device(name: str | None = "auto") -> str:
+    """'auto' (or None) -> cuda if available, else mps, else cpu; other names are checked and returned."""
+    if name is None or name == "auto":
+        return default_device()
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"Unknown device {name!r}; use cuda, cuda:N, mps, cpu or auto.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"Device {name!r}: CUDA is not available on this machine; use cpu.")
+    if kind == "cuda" and name != "cuda" and torch.device(name).index >= torch.cuda.device_count():
+        raise ArgumentError(f"Device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ArgumentError(f"Device {name!r}: MPS is not available on this machine; use cpu.")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ArgumentError(f"Device {name!r} is not supported; use cuda, cuda:N, mps, cpu or auto.")
+    return str(name)
+
+
+def pick_dtype(dtype) -> torch.dtype:
+    """None -> float32; a name or torch dtype among float32, float16, bfloat16."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ArgumentError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+
+
+def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "auto", dtype=None,
+               encoder_only: bool = False, revision: str | None = None, progress: bool = True) -> MuCodec:
+    """Load MuCodec and make it the model the notebook functions use.
+
+    ``ckpt``: a folder in the official layout (``tools/audioldm_48k.pth``, ``muq_dev/muq.pt``,
+    ``ckpt/mucodec.pt``) or a hub repo id at ``revision``; default: the folder above this package
+    when it holds the weights, else ``MuCodec/mucodec`` (downloaded once into the Hugging Face cache).
+    ``device``: 'auto' (cuda > mps > cpu) or a device name. ``dtype``: float32 (default), or
+    float16 / bfloat16 for the flow decoder. ``encoder_only`` loads MuQ and the quantizer only.
+    Calling it again with the same settings returns the same model without reloading.
+    """
+    global _current
+    settings = (os.fspath(ckpt) if ckpt is not None else default_checkpoint(), pick_device(device),
+                pick_dtype(dtype), bool(encoder_only), revision)
+    if _current is not None and _current[0] == settings:
+        return _current[1]
+    _current = None  # let the old model go before the new one is built (each is several GB)
+    model = MuCodec.from_pretrained(settings[0], device=settings[1], dtype=settings[2], encoder_only=settings[3],
+                                    revision=revision, progress=progress)
+    _current = (settings, model)
+    return model
+
+
+def current_model() -> MuCodec:
+    """The model :func:`load_model` loaded last; the default one is loaded on first use."""
+    return _current[1] if _current is not None else load_model()
+
+
+def sound2code(audio, *, sample_rate: int | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """Encode music into MuCodec codes with the current model (see :meth:`MuCodec.sound2code`).
+
+    ``audio``: a file path (any format soundfile reads; resampled to 48 kHz, mono duplicated), or a
+    float tensor/array (2, N), (1, N) or (N,) at ``sample_rate`` (default 48000). ``batch_size``:
+    40.96 s windows encoded at once (default 3). Returns a LongTensor (1, 1, T) of codes in
+    [0, 16384), T = int(N / 48000 * 25) + 1.
+    """
+    return current_model().sound2code(audio, sample_rate=sample_rate, batch_size=batch_size)
+
+
+def code2sound(codes, *, num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
+               prompt_sample_rate: int | None = None, seed: int | None = None, generator=None, noise=None,
+               fast_vocoder: bool = True) -> torch.Tensor:
+    """Decode MuCodec codes into music with the current model (see :meth:`MuCodec.code2sound`).
+
+    ``codes``: LongTensor (1, 1, T) / (T,), or the path of a ``.mct`` token file (the output is then
+    cut to the length of the audio it was made from). ``num_steps``: Euler steps per window
+    (default 20, the official code2sound); ``guidance_scale``: classifier-free guidance (1.5);
+    ``prompt``: optional reference audio (path or waveform), up to 10.24 s used; ``seed`` makes the
+    result reproducible. Returns a float tensor (2, T * 1920): 48 kHz stereo.
+    """
+    return current_model().code2sound(codes, num_steps=num_steps, guidance_scale=guidance_scale, prompt=prompt,
+                                      prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator,
+                                      noise=noise, fast_vocoder=fast_vocoder)
+
+
+def sound2sound(audio, *, sample_rate: int | None = None, batch_size: int | None = None,
+                num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
+                prompt_sample_rate: int | None = None, seed: int | None = None, generator=None, noise=None,
+                fast_vocoder: bool = True) -> torch.Tensor:
+    """Encode then decode (the official sound2sound, 50 steps): (2, N) at 48 kHz, N as the input."""
+    return current_model().sound2sound(audio, sample_rate=sample_rate, batch_size=batch_size, num_steps=num_steps,
+                                       guidance_scale=guidance_scale, prompt=prompt,
+                                       prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator,
+                                       noise=noise, fast_vocoder=fast_vocoder)

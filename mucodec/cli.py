@@ -1,0 +1,377 @@
+"""The command line: ``python3 generate.py``, ``python -m mucodec`` or the ``mucodec`` command.
+
+    python3 generate.py                           # the official demo: test_wav/test.wav -> reconstruct/test.wav
+    python3 generate.py song.flac music/ 'live/*.mp3' -o out/     # reconstruct (encode + decode)
+    python3 generate.py --encode song.flac -o tokens/             # song.flac -> tokens/song.mct (0.35 kbit/s)
+    python3 generate.py tokens/song.mct -o out/                   # token file -> out/song.wav
+    python3 generate.py --encode music/ -o tokens/                # a library -> parquet shards, resumable
+    python3 generate.py --encode music/ -o tokens/ --shard 3/8 --engine ray
+
+A layer over the package: inputs are expanded and every output decided before the model loads (so
+refusals cost nothing), then each file goes through ``MuCodec.encode_file`` / ``decode_file`` /
+``reconstruct_file``. A failing file is reported in one sentence and the batch goes on. ``--encode`` of a
+folder (or with any library option) runs the library pipeline of ``mucodec.library`` instead.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import api, library, tokens
+from .audio import audio_extensions, check_input_file
+from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
+from .codec import MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec
+from .errors import ArgumentError, AudioError, MuCodecError, OutputError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_DEFAULTS = CodecConfig()
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+    kind: str  # "reconstruct" | "encode" | "decode"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ext = tokens.EXTENSION
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="MuCodec: compress 48 kHz stereo music to 0.35 kbit/s tokens and reconstruct it. "
+                    "Audio inputs are reconstructed (encoded and decoded) into DIR/<name>.wav, or encoded "
+                    f"into DIR/<name>{ext} token files with --encode; token files are decoded into "
+                    "DIR/<name>.wav. Without INPUT: the official demo, test_wav/test.wav -> reconstruct/test.wav "
+                    "in the MuCodec folder.",
+        epilog=f"Weights: the three files of {HUB_URL} as {', '.join(FILES.values())} in the MuCodec folder, "
+               "or downloaded into the Hugging Face cache on first use. Output audio is "
+               "48 kHz stereo 32-bit float WAV; existing outputs are never replaced without --overwrite. "
+               "Exit status: 0 all done, 1 some input failed, 2 bad command line.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="audio files, token files, folders (searched recursively for every format soundfile "
+                        f"reads and {ext} files) or glob patterns such as 'music/**/*.flac'")
+    p.add_argument("-o", "--output", metavar="DIR", default=None,
+                   help="output folder, created if missing; files found in a folder keep their sub-folders "
+                        "(default: ./reconstruct, or reconstruct/ in the MuCodec folder without INPUT)")
+    p.add_argument("--encode", action="store_true",
+                   help=f"only encode audio into {ext} token files (loads only the encoder)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help=f"flow-matching steps (default: {_DEFAULTS.sound2sound_steps} to reconstruct audio, as the "
+                        f"official sound2sound; {_DEFAULTS.code2sound_steps} to decode a token file, as the official "
+                        "code2sound)")
+    p.add_argument("--guidance", type=float, default=_DEFAULTS.guidance_scale, metavar="G",
+                   help=f"classifier-free guidance scale, at least 1 (default: {_DEFAULTS.guidance_scale})")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for the decoder's noise, applied to each file (default: random)")
+    p.add_argument("--device", default="auto",
+                   help="cuda, cuda:1, mps, cpu or auto: cuda, else mps, else cpu (default: auto)")
+    p.add_argument("--dtype", choices=tuple(api.DTYPES), default="float32",
+                   help="compute precision; float16 and bfloat16 need a GPU (default: float32)")
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
+                   help="40.96 s chunks encoded at once; lower it if memory runs out "
+                        f"(default: {_DEFAULTS.encoder_batch_size})")
+    p.add_argument("--prompt", metavar="FILE", default=None,
+                   help="reference audio whose first 10.24 s guide the decoder (official code2sound prompt)")
+    p.add_argument("--ckpt", metavar="PATH_OR_REPO", default=None,
+                   help=f"folder holding {', '.join(FILES.values())}, or a hub repo id (default: the MuCodec "
+                        f"folder if it holds them, else {DEFAULT_REPO})")
+    p.add_argument("--revision", metavar="REV", default=None,
+                   help="branch, tag or commit of the hub repo (default: its main branch)")
+    p.add_argument("--official-vocoder", action="store_true",
+                   help="run the vocoder in the official overlapping chunks (each mel frame 4 times) instead of "
+                        "once per frame plus the chunk edges (default: once per frame, ~2.5x less vocoder work, "
+                        "the same audio up to float rounding)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    lib = p.add_argument_group(
+        "tokenising a library (--encode of a folder)",
+        "Resumable: run the same command again after a crash and only what was not committed is encoded. "
+        "Output: parquet shards of songs (columns song_id, path, duration, sample_rate, channels, num_samples, "
+        "num_codes, codes), a manifest, an errors table, fingerprint.json and report.json in DIR.")
+    lib.add_argument("--format", choices=("auto", *library.FORMATS), default="auto",
+                     help=f"parquet shards, one {ext} per song, or both; auto: parquet when an INPUT is a folder or "
+                          f"a library option is given, else one {ext} per file as without it (default: auto)")
+    lib.add_argument("--shard", metavar="I/N", default=None,
+                     help="run job I of N independent jobs (1 <= I <= N; songs are split by id, so the N jobs "
+                          "never overlap and together cover every song)")
+    lib.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: worker processes decode, this process encodes; ray: Ray Data on a local "
+                          "instance or a cluster (pip install -r requirements-ray.txt) (default: local)")
+    lib.add_argument("--address", metavar="ADDR", default=None,
+                     help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else a local instance)")
+    lib.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="processes (ray: tasks) decoding audio; 0 decodes in this process "
+                          f"(default: {library.default_workers()} here, one less than the cores, at most 8)")
+    lib.add_argument("--retry-errors", action="store_true",
+                     help="encode again the songs that failed in an earlier run (default: skip them)")
+    lib.add_argument("--shard-size", type=int, default=library.SHARD_SONGS, metavar="N",
+                     help=f"songs per parquet shard, the unit of commit (default: {library.SHARD_SONGS}; a shard "
+                          f"is also committed every {library.COMMIT_SECONDS / 60:.0f} minutes)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only errors (progress bars also stay off when stderr is not a terminal)")
+    return p
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Everything about the command line that can be wrong, found before any file is touched (exit 2)."""
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        parser.error(f"--steps must lie in [1, {MAX_STEPS}]")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        parser.error(f"--batch-size must lie in [1, {MAX_BATCH}]")
+    if not (math.isfinite(args.guidance) and args.guidance >= 1):
+        parser.error("--guidance must be a finite number of at least 1 (1 turns guidance off)")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 64:
+        parser.error("--seed must lie in [0, 2**64)")
+    if args.encode and args.prompt:
+        parser.error("--prompt guides the decoder; it has no effect with --encode")
+    try:
+        args.device = api.pick_device(args.device)
+    except ArgumentError as e:
+        parser.error(str(e))
+    if args.device.split(":")[0] == "cpu" and args.dtype != "float32":
+        parser.error(f"--dtype {args.dtype} needs a GPU; use float32 on the CPU")
+    if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
+        parser.error(f"-o {args.output} is a file; it must name a folder")
+    library_flags = [name for name, on in (("--format", args.format != "auto"), ("--shard", args.shard is not None),
+                                           ("--engine", args.engine != "local"), ("--address", args.address),
+                                           ("--workers", args.workers is not None),
+                                           ("--retry-errors", args.retry_errors),
+                                           ("--shard-size", args.shard_size != library.SHARD_SONGS)) if on]
+    if library_flags and not args.encode:
+        parser.error(f"{library_flags[0]} is an option of --encode (tokenising a library); add --encode")
+    if args.shard is not None:
+        try:
+            args.shard = library.parse_shard(args.shard)
+        except ArgumentError as e:
+            parser.error(str(e))
+    if args.address and args.engine != "ray":
+        parser.error("--address names a Ray cluster; it needs --engine ray")
+    if args.workers is not None and not 0 <= args.workers <= 256:
+        parser.error("--workers must lie in [0, 256]")
+    if not 1 <= args.shard_size <= 10 ** 6:
+        parser.error("--shard-size must lie in [1, 1000000]")
+
+
+def _library_mode(args) -> bool:
+    """--encode of a folder, or with any library option: the resumable pipeline; else one .mct per file."""
+    return args.encode and (args.format != "auto" or args.shard is not None or args.engine != "local"
+                            or args.retry_errors or any(Path(i).is_dir() for i in args.inputs))
+
+
+def _run_library(args, out_dir: Path, say, progress: bool) -> int:
+    """The library pipeline (mucodec.library); prints the summary and returns the exit status."""
+    fmt = "parquet" if args.format == "auto" else args.format
+    try:
+        result = library.encode_library(
+            args.inputs, out_dir, ckpt=args.ckpt, revision=args.revision, device=args.device,
+            dtype=api.DTYPES[args.dtype], fmt=fmt, shard=args.shard, engine=args.engine, address=args.address,
+            workers=args.workers, batch_size=args.batch_size, retry_errors=args.retry_errors,
+            overwrite=args.overwrite, shard_songs=args.shard_size, progress=progress, say=say)
+    except MuCodecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    rep = result.report
+    for src, why in result.problems:
+        print(f"  {src}: {why}", file=sys.stderr)
+    failures = rep["failures"]
+    if failures:
+        shown = failures[:20]
+        print("failed:\n" + "\n".join(f"  {f['path']} ({f['stage']}): {f['message']}" for f in shown)
+              + (f"\n  ... and {len(failures) - len(shown)} more in {out_dir / 'errors'}" if failures[20:] else ""),
+              file=sys.stderr)
+    if failures or result.problems or not args.quiet:
+        print(library.summary_line(rep), file=sys.stderr)
+    return EXIT_FAILED if failures or result.problems else EXIT_OK
+
+
+def _expand_inputs(inputs: list[str], out_dir: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """INPUT arguments -> ([(file, output path relative to OUT without extension)], [(input, error)])."""
+    exts = audio_extensions() | {tokens.EXTENSION}
+    found, failed = [], []
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            files = []
+            for f in sorted(path.rglob("*")):
+                rel = f.relative_to(path)
+                if (f.is_file() and f.suffix.lower() in exts and not any(p.startswith(".") for p in rel.parts)
+                        and not _is_within(f, out_dir)):
+                    files.append((f, rel.with_suffix("")))
+            if not files:
+                failed.append((arg, f"The folder {arg} holds no audio or {tokens.EXTENSION} files."))
+            found += files
+        elif os.path.lexists(path):
+            found.append((path, Path(path.stem)))
+        elif any(c in arg for c in "*?["):
+            files = [Path(f) for f in sorted(glob.glob(arg, recursive=True)) if Path(f).is_file()]
+            if not files:
+                failed.append((arg, f"The pattern {arg} matches no file."))
+            found += [(f, Path(f.stem)) for f in files]
+        else:
+            failed.append((arg, f"{arg} does not exist."))
+    return found, failed
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be used or created for outputs, or None (checked without creating it)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"Cannot create the output folder {folder}: {probe} is a file."
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"Cannot create or write the output folder {folder}: {probe} is not writable."
+    return None
+
+
+def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
+    """Decide every output before loading the model, so that refusals cost nothing."""
+    found, failed = _expand_inputs(args.inputs, out_dir)
+    jobs, claimed, seen = [], {}, set()
+    for src, rel in found:
+        key = src.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:  # non-regular files (pipes, devices, folders) would block or never end
+            check_input_file(src, "Input")
+        except AudioError as e:
+            failed.append((str(src), str(e)))
+            continue
+        # a .mct is a token file even when damaged: its error must say what is wrong with it
+        if tokens.is_token_path(src) or tokens.is_token_file(src):
+            if args.encode:
+                failed.append((str(src), f"{src} is already a token file; --encode needs audio."))
+                continue
+            kind, ext = "decode", ".wav"
+        else:
+            kind, ext = ("encode", tokens.EXTENSION) if args.encode else ("reconstruct", ".wav")
+        dst = out_dir / rel.with_name(rel.name + ext)
+        if dst.resolve() in claimed:
+            failed.append((str(src), f"{src} would write {dst}, which {claimed[dst.resolve()]} already writes; "
+                                     "rename one of them or run them separately."))
+            continue
+        if dst.resolve() == key:
+            failed.append((str(src), f"{src} would be overwritten by its own output; choose another -o folder."))
+            continue
+        if dst.exists() and not args.overwrite:
+            failed.append((str(src), f"{dst} already exists; pass --overwrite to replace it."))
+            continue
+        problem = _folder_problem(dst.parent)
+        if problem:
+            failed.append((str(src), problem))
+            continue
+        claimed[dst.resolve()] = src
+        jobs.append(Job(src, dst, kind))
+    return jobs, failed
+
+
+def run_job(codec: MuCodec, job: Job, args, prompt) -> None:
+    """Process one input; raises MuCodecError (or a bug) on failure, leaving no output behind."""
+    try:
+        job.dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"Cannot create the output folder {job.dst.parent}: {e.strerror or e}.") from None
+    if job.kind == "encode":
+        codec.encode_file(job.src, job.dst, batch_size=args.batch_size)
+        return
+    options = dict(guidance_scale=args.guidance, prompt=prompt, seed=args.seed,
+                   fast_vocoder=not args.official_vocoder)
+    if job.kind == "decode":
+        codec.decode_file(job.src, job.dst, num_steps=args.steps, **options)
+    else:
+        codec.reconstruct_file(job.src, job.dst, batch_size=args.batch_size, num_steps=args.steps, **options)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    """Run the command line; returns the exit status (``SystemExit(2)`` for a bad command line)."""
+    try:
+        return _main(argv, prog)
+    except KeyboardInterrupt:
+        print("interrupted; files already finished are kept, the one in progress was not written "
+              "(a library run resumes where it stopped when run again)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def cli() -> None:
+    """Console entry point."""
+    sys.exit(main())
+
+
+def _main(argv, prog) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    demo = not args.inputs
+    if demo:
+        args.inputs = [str(api.REPO_ROOT / "test_wav" / "test.wav")]
+    out_dir = Path(args.output) if args.output else (api.REPO_ROOT / "reconstruct" if demo else Path("reconstruct"))
+    _check_args(parser, args)
+
+    import torch
+    from tqdm import tqdm
+
+    def say(msg):
+        if not args.quiet:
+            tqdm.write(msg, file=sys.stderr)
+
+    progress = not args.quiet and sys.stderr.isatty()
+    if _library_mode(args):
+        return _run_library(args, out_dir, say, progress)
+    jobs, failed = plan(args, out_dir)
+    done = []
+    if jobs:
+        try:
+            if args.prompt:  # a bad prompt fails the run once, before the model loads
+                check_input_file(args.prompt, "Prompt file")
+            ckpt = args.ckpt or api.default_checkpoint()
+            say(f"loading MuCodec from {ckpt} on {args.device} ({args.dtype})")
+            codec = MuCodec.from_pretrained(ckpt, device=args.device, dtype=api.DTYPES[args.dtype],
+                                            encoder_only=all(j.kind == "encode" for j in jobs),
+                                            revision=args.revision, progress=progress)
+            prompt = codec.prepare_prompt(args.prompt) if args.prompt else None
+        except MuCodecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+        bar = tqdm(jobs, unit="file", desc="files", file=sys.stderr, disable=not progress or len(jobs) < 2)
+        for job in bar:
+            start = time.perf_counter()
+            try:
+                run_job(codec, job, args, prompt)
+            except MuCodecError as e:
+                failed.append((str(job.src), str(e)))
+            except oom:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                hint = "--batch-size 1" + (" or --dtype float16" if args.device != "cpu" else "")
+                failed.append((str(job.src), f"Out of memory on {args.device} while processing {job.src}; try {hint}."))
+            except Exception as e:  # a bug: show where, keep going with the other files
+                traceback.print_exc()
+                failed.append((str(job.src), f"internal error {type(e).__name__}: {e}"))
+            else:
+                done.append(job)
+                say(f"{job.src} -> {job.dst} ({time.perf_counter() - start:.1f} s)")
+                continue
+            say(f"failed: {failed[-1][1]}")
+    if len(done) + len(failed) > 1 or failed:
+        summary = f"{len(done)} done, {len(failed)} failed"
+        if failed:
+            summary += ":\n" + "\n".join(f"  {src}: {why}" for src, why in failed)
+        if failed or not args.quiet:
+            print(summary, file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
