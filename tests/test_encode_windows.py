@@ -46,34 +46,41 @@ def _signal(n, channels=2, seed=0):
     return tone.repeat(channels, 1) + 0.05 * torch.randn(channels, n, generator=g)
 
 
-@pytest.mark.parametrize("seconds", [0.2, 3.0, 40.96, 41.0, 125.0])
-def test_window_layout_and_code_count(tiny_codec, spy, seconds):
-    n = round(seconds * SR)
-    wav = _signal(n)
-    codes = tiny_codec.sound2code(wav)
-
-    assert codes.dtype == torch.int64 and codes.shape == (1, 1, int(n / SR * 25) + 1)
-    n_win = expected_windows(n)
-    assert {40.96: 3, 41.0: 2, 0.2: 2, 3.0: 2, 125.0: 4}[seconds] == n_win  # worked by hand as well
-    # windows go through the model in batches of 3
-    assert [x.shape[0] for x, _ in spy] == [min(3, n_win - i) for i in range(0, n_win, 3)]
-    windows = torch.cat([x for x, _ in spy])
-    assert windows.shape == (n_win, 2, STEP)
-
-    # what each window must hold: the whole clip limited to peak 0.8, repeated, laid end to end
+def official_codes(codec, wav) -> torch.Tensor:
+    """The official procedure, spelled out: every window of the layout, batches of 3, codes cut to T."""
     peak = wav.abs().max()  # float32 arithmetic, as the official x / (peak / 0.8)
     scaled = wav / (peak / 0.8) if peak > 0.8 else wav
     padded = scaled
     while padded.shape[-1] < STEP:
         padded = torch.cat([padded, padded], -1)
-    padded = torch.cat([padded, padded], -1)
-    for k in range(n_win):
-        torch.testing.assert_close(windows[k], padded[:, k * STEP:(k + 1) * STEP], rtol=0, atol=0)
+    n_win = padded.shape[-1] // WIN + 1
+    padded = torch.cat([padded, padded], -1)[:, : n_win * STEP]
+    windows = padded.reshape(2, n_win, STEP).transpose(0, 1)
+    codes = torch.cat([codec.encode_windows(windows[i:i + 3]) for i in range(0, n_win, 3)])
+    return codes.reshape(1, 1, -1)[..., : int(wav.shape[-1] / SR * 25) + 1], windows
 
-    # codes of consecutive windows are concatenated, then cut
-    all_codes = torch.cat([c for _, c in spy]).reshape(-1)
-    assert all_codes.numel() == n_win * 1024
-    assert torch.equal(codes.reshape(-1), all_codes[: codes.shape[-1]])
+
+# 40.96 s: the official layout has 3 windows for 1025 codes, 2 suffice; 81.92 s needs all 3 (2049 codes)
+# while one sample less needs 2; 0.2 s and 3 s are repeated to 2 windows of which 1 suffices.
+@pytest.mark.parametrize("n, official, computed", [
+    (round(0.2 * SR), 2, 1), (3 * SR, 2, 1), (WIN, 3, 2), (WIN + 1, 3, 2), (round(41.0 * SR), 2, 2),
+    (2 * WIN - 1, 2, 2), (2 * WIN, 3, 3), (round(125.0 * SR), 4, 4),
+])
+def test_only_the_windows_whose_codes_are_kept_are_computed(tiny_codec, spy, n, official, computed):
+    wav = _signal(n)
+    codes = tiny_codec.sound2code(wav)
+    seen = list(spy)
+    assert codes.dtype == torch.int64 and codes.shape == (1, 1, int(n / SR * 25) + 1)
+    assert expected_windows(n) == official  # the SPEC's rule, worked by hand as well
+    assert -(-codes.shape[-1] // 1024) == computed
+
+    # windows go through the model in batches of 3, and are the first windows of the official layout
+    assert [x.shape[0] for x, _ in seen] == [min(3, computed - i) for i in range(0, computed, 3)]
+    ref, windows = official_codes(tiny_codec, wav)
+    assert windows.shape == (official, 2, STEP)
+    torch.testing.assert_close(torch.cat([x for x, _ in seen]), windows[:computed], rtol=0, atol=0)
+    # codes of consecutive windows are concatenated, then cut: the same codes as the official procedure
+    assert torch.equal(codes, ref)
 
 
 def test_batch_size_does_not_change_codes(tiny_codec):
