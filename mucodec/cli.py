@@ -74,7 +74,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="cuda, cuda:1, mps, cpu or auto: cuda, else mps, else cpu (default: auto)")
     p.add_argument("--dtype", choices=tuple(api.DTYPES), default="float32",
-                   help="compute precision; float16 and bfloat16 need a GPU (default: float32)")
+                   help="precision of the flow decoder (DiT under autocast; everything else stays float32): "
+                        "bfloat16 on recent CPUs and GPUs, float16 on GPUs (default: float32)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
                    help="40.96 s chunks encoded at once; lower it if memory runs out "
                         f"(default: {_DEFAULTS.encoder_batch_size})")
@@ -135,8 +136,8 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         args.device = api.pick_device(args.device)
     except ArgumentError as e:
         parser.error(str(e))
-    if args.device.split(":")[0] == "cpu" and args.dtype != "float32":
-        parser.error(f"--dtype {args.dtype} needs a GPU; use float32 on the CPU")
+    if args.device.split(":")[0] == "cpu" and args.dtype == "float16":
+        parser.error("--dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         parser.error(f"-o {args.output} is a file; it must name a folder")
     library_flags = [name for name, on in (("--format", args.format != "auto"), ("--shard", args.shard is not None),

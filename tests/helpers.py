@@ -366,3 +366,15 @@ def _save(obj, path: Path):
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def deny_opening(monkeypatch, path) -> None:
+    """Make ``os.open`` of ``path`` fail with "Permission denied" (file modes do not stop root)."""
+    real_open = os.open
+
+    def deny(p, *a, **k):
+        if os.fspath(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(os, "open", deny)

@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 
+from helpers import deny_opening
 from mucodec.checkpoint import (
     fold_weight_norm,
     kind_of,
@@ -172,14 +173,7 @@ def test_directory_fifo_and_device_are_not_regular_files(tmp_path):
 def test_permission_denied_is_reported_as_such(tmp_path, monkeypatch):
     path = tmp_path / "mucodec.pt"
     torch.save({"w": torch.ones(2)}, path)
-    real_open = os.open
-
-    def deny(p, *a, **k):
-        if os.fspath(p) == str(path):
-            raise PermissionError(13, "Permission denied", str(p))
-        return real_open(p, *a, **k)
-
-    monkeypatch.setattr(os, "open", deny)
+    deny_opening(monkeypatch, path)
     with pytest.raises(CheckpointError) as e:
         read_checkpoint(path)
     assert str(path) in str(e.value) and "permission denied" in str(e.value)

@@ -140,6 +140,7 @@ def test_help_lists_defaults(capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["x.wav", "--dtype", "float16", "--device", "cpu"], "needs a GPU"),
+    (["x.wav", "--dtype", "int8"], "invalid choice"),
     (["x.wav", "--steps", "0"], "--steps"),
     (["x.wav", "--steps", "100000"], "--steps"),
     (["x.wav", "--batch-size", "0"], "--batch-size"),
@@ -219,6 +220,11 @@ def test_flags_reach_the_codec(tmp_path, fake):
     assert enc["batch_size"] == 1
     assert dec["num_steps"] == 7 and dec["guidance_scale"] == 2.5 and dec["seeded"] and not dec["fast_vocoder"]
     assert dec["prompt"].wav.shape == (2, int(0.3 * 48000)) and dec["prompt"].wav.dtype == torch.float32
+
+
+def test_bfloat16_on_the_cpu(tmp_path):
+    assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o", "--dtype", "bfloat16", "--device", "cpu") == 0
+    assert FakeCodec.built[0]["dtype"] == torch.bfloat16
 
 
 def test_seed_makes_output_reproducible(tmp_path):

@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from helpers import deny_opening
 from mucodec.checkpoint import ENCODER_STAGES, FILES, load_stages, roles_of
 from mucodec.codec import MuCodec
 from mucodec.errors import CheckpointError
@@ -313,14 +314,7 @@ def test_device_in_place_of_a_file(folder):
 
 def test_permission_denied_is_not_called_damaged(folder, monkeypatch):
     path = folder / "muq_dev/muq.pt"
-    real_open = os.open
-
-    def deny(p, *a, **k):
-        if os.fspath(p) == str(path):
-            raise PermissionError(13, "Permission denied", str(p))
-        return real_open(p, *a, **k)
-
-    monkeypatch.setattr(os, "open", deny)
+    deny_opening(monkeypatch, path)
     with pytest.raises(CheckpointError) as e:
         MuCodec.from_pretrained(folder, device="cpu", encoder_only=True)
     assert f"{path} cannot be read: permission denied" in str(e.value)
