@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import DEFAULT_REPO, FILES
-from .codec import MuCodec, default_device
+from .codec import MuCodec, pick_device
 from .errors import ArgumentError
 
 # The folder above the package: a source checkout in the official layout keeps its weights there.
@@ -28,25 +28,6 @@ _current: tuple[tuple, MuCodec] | None = None
 def default_checkpoint() -> str:
     """The folder above the package when it holds the three official files, else the hub repo id."""
     return str(REPO_ROOT) if all((REPO_ROOT / f).is_file() for f in FILES.values()) else DEFAULT_REPO
-
-
-def pick_device(name: str | None = "auto") -> str:
-    """'auto' (or None) -> cuda if available, else mps, else cpu; other names are checked and returned."""
-    if name is None or name == "auto":
-        return default_device()
-    try:
-        kind = torch.device(name).type
-    except (RuntimeError, TypeError):
-        raise ArgumentError(f"Unknown device {name!r}; use cuda, cuda:N, mps, cpu or auto.") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError(f"Device {name!r}: CUDA is not available on this machine; use cpu.")
-    if kind == "cuda" and name != "cuda" and torch.device(name).index >= torch.cuda.device_count():
-        raise ArgumentError(f"Device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ArgumentError(f"Device {name!r}: MPS is not available on this machine; use cpu.")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ArgumentError(f"Device {name!r} is not supported; use cuda, cuda:N, mps, cpu or auto.")
-    return str(name)
 
 
 def pick_dtype(dtype) -> torch.dtype:
@@ -72,6 +53,8 @@ def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "a
     Calling it again with the same settings returns the same model without reloading.
     """
     global _current
+    if ckpt is not None and not isinstance(ckpt, (str, os.PathLike)):
+        raise ArgumentError(f"ckpt must be a folder or a hub repo id, got {ckpt!r}.")
     settings = (os.fspath(ckpt) if ckpt is not None else default_checkpoint(), pick_device(device),
                 pick_dtype(dtype), bool(encoder_only), revision)
     if _current is not None and _current[0] == settings:

@@ -70,6 +70,8 @@ def check_input_file(path, what: str = "Audio file", error=AudioError) -> str:
     Non-regular files (folders, devices such as /dev/zero, named pipes) are refused before they are
     opened: reading them would never end or block forever.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise error(f"{what} must be given as a path, got {type(path).__name__}.")
     path = os.fspath(path)
     try:
         st = os.stat(path)

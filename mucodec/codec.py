@@ -74,6 +74,25 @@ class CodecConfig:
         return math.ceil((n - self.overlap_codes) / self.hop_codes) * self.hop_codes + self.overlap_codes
 
 
+def pick_device(name: str | None = "auto") -> str:
+    """'auto' (or None) -> cuda if available, else mps, else cpu; other names are checked and returned."""
+    if name is None or name == "auto":
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"Unknown device {name!r}; use cuda, cuda:N, mps, cpu or auto.") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ArgumentError(f"Device {name!r} is not supported; use cuda, cuda:N, mps, cpu or auto.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"Device {name!r}: CUDA is not available on this machine; use cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ArgumentError(f"Device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ArgumentError(f"Device {name!r}: MPS is not available on this machine; use cpu.")
+    return str(name)
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -142,6 +161,9 @@ class MuCodec:
         ``layer``: MuQ hidden state the codes are taken from (the official checkpoint was trained on 6).
         How each stage is read from the files is the table ``checkpoint.STAGES``.
         """
+        if path_or_repo is not None and not isinstance(path_or_repo, (str, os.PathLike)):
+            raise ArgumentError(f"path_or_repo must be a folder or a hub repo id, got {path_or_repo!r}.")
+        device = pick_device(device)
         stages = ENCODER_STAGES if encoder_only else ENCODER_STAGES + DECODER_STAGES
         files = resolve_files(path_or_repo if path_or_repo is not None else DEFAULT_REPO, roles_of(stages), revision)
         ckpts = Checkpoints(files)
@@ -151,7 +173,7 @@ class MuCodec:
         ckpts.layer = config.layer
         m = ckpts.load(stages)
         codec = cls(m["muq"], m["quantizer"], m.get("flow"), m.get("vae"), m.get("vocoder"),
-                    1.0 if encoder_only else ckpts.scale_factor(), config=config, device=device or default_device(),
+                    1.0 if encoder_only else ckpts.scale_factor(), config=config, device=device,
                     dtype=dtype, audioldm_path=files.get("audioldm"), progress=progress)
         codec._sources = ckpts.sources(stages)
         return codec

@@ -682,6 +682,10 @@ def test_notebook_api_rejects_bad_inputs():
     (lambda: api.code2sound(torch.zeros(1, 2, 3, dtype=torch.long)), CodesError),
     (lambda: api.code2sound(Path("nope.mct")), TokenFileError),
     (lambda: api.load_model(device="xpu"), ArgumentError),
+    (lambda: api.load_model(123), ArgumentError),
+    (lambda: mucodec.load_audio(None), AudioError),
+    (lambda: api.sound2code(None), AudioError),
+    (lambda: api.code2sound(None), CodesError),
     (lambda: api.load_model(dtype="int8"), ArgumentError),
 ])
 def test_notebook_arguments_are_checked_at_the_boundary(call, error):

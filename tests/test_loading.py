@@ -335,3 +335,16 @@ def test_sizes_that_do_not_fit_together(folder):
     with pytest.raises(CheckpointError) as e:
         MuCodec.from_pretrained(folder, device="cpu")
     assert "ckpt/mucodec.pt: the sizes in mucodec_config['flow'] do not fit together" in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(path_or_repo=123), "path_or_repo must be a folder or a hub repo id"),
+    (dict(device="tpu"), "Unknown device"),
+    (dict(device="xpu"), "not supported"),
+])
+def test_bad_arguments_are_one_sentence(tiny_ckpt_dir, kwargs, words):
+    from mucodec.errors import ArgumentError
+
+    kwargs.setdefault("path_or_repo", tiny_ckpt_dir)
+    with pytest.raises(ArgumentError, match=words):
+        MuCodec.from_pretrained(**kwargs)
