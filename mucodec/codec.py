@@ -30,7 +30,7 @@ MAX_BATCH = 256
 class CodecConfig:
     """Time structure of the codec (the official values; tiny test models keep them)."""
 
-    sample_rate: int = 48000
+    sample_rate: int = audio.CODEC_SAMPLE_RATE
     frame_rate: int = 25  # codes per second
     input_peak: float = 0.8  # sound2code: items louder than this are scaled down to it
     channel_peak: float = 0.9  # per-channel limit inside each encoder window
@@ -114,7 +114,7 @@ class MuCodec:
     Build it with :meth:`from_pretrained`. All audio is float32 at 48 kHz, shape (2, N).
     """
 
-    def __init__(self, muq, quantizer, flow=None, vae=None, vocoder=None, scale_factor=1.0, *,
+    def __init__(self, muq, quantizer, flow=None, vae=None, vocoder=None, *,
                  config: CodecConfig | None = None, device="cpu", dtype=torch.float32,
                  audioldm_path=None, progress=False):
         self.config = config or CodecConfig()
@@ -127,7 +127,6 @@ class MuCodec:
         self.flow = flow.eval().to(self.device) if flow is not None else None
         self.vae = vae.eval().to(self.device) if vae is not None else None
         self.vocoder = vocoder.eval().to(self.device) if vocoder is not None else None
-        self.scale_factor = float(scale_factor)
         self._audioldm_path = audioldm_path
         self._encoder_vae = None  # the VAE encoder half, loaded on the first prompt
 
@@ -172,9 +171,8 @@ class MuCodec:
             config.layer = layer
         ckpts.layer = config.layer
         m = ckpts.load(stages)
-        codec = cls(m["muq"], m["quantizer"], m.get("flow"), m.get("vae"), m.get("vocoder"),
-                    1.0 if encoder_only else ckpts.scale_factor(), config=config, device=device,
-                    dtype=dtype, audioldm_path=files.get("audioldm"), progress=progress)
+        codec = cls(m["muq"], m["quantizer"], m.get("flow"), m.get("vae"), m.get("vocoder"), config=config,
+                    device=device, dtype=dtype, audioldm_path=files.get("audioldm"), progress=progress)
         codec._sources = ckpts.sources(stages)
         return codec
 
@@ -309,8 +307,8 @@ class MuCodec:
         into the caller's code between pieces).
         """
         c = self.config
-        F, L = c.window_latents, c.overlap_latents
-        lat_shape = (1, self.flow.cfg.latent_channels, F, self.flow.cfg.freq_bins)
+        frames, overlap = c.window_latents, c.overlap_latents
+        lat_shape = (1, self.flow.cfg.latent_channels, frames, self.flow.cfg.freq_bins)
         randn = functools.partial(_randn, generator=opts.generator, device=self.device)
         codes = codes.to(self.device)
 
@@ -336,8 +334,9 @@ class MuCodec:
             if k == 0:
                 true_latents, incontext = first_latent, prompt_frames
             else:
-                true_latents = torch.cat([prev[:, :, -L:], randn(lat_shape[:2] + (F - L, lat_shape[3]))], 2)
-                incontext = L
+                true_latents = torch.cat([prev[:, :, -overlap:], randn(lat_shape[:2] + (frames - overlap, lat_shape[3]))],
+                                         2)
+                incontext = overlap
             x0 = noise[k].to(self.device, torch.float32) if noise is not None else randn(lat_shape)
             prev = self.decode_window(codes[..., start:start + c.window_codes], true_latents, incontext, x0, opts,
                                       callback=lambda *a: bar.update(1))

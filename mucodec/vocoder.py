@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .audio import crossfade
 
 # progress(done, total) is called after each network call of ``vocode``.
 Progress = Callable[[int, int], None]
@@ -177,13 +178,9 @@ def crossfade_chunks(outputs, cfg: VocoderConfig) -> torch.Tensor:
             n = cur.shape[-1] // cfg.chunk_frames * cfg.chunk_frames
             wav = cur[:, :n]
             ov = int(float(n) * (cfg.chunk_frames - cfg.chunk_hop_frames) / cfg.chunk_frames)
-            # numpy's float64 linspace, as the official code (torch.linspace differs in the last bit)
-            ramp = torch.from_numpy(np.linspace(0, 1, ov)).to(cur.device)
             continue
         cur = cur[:, :n]
-        head = cur[:, :ov].double() * ramp
-        wav[:, -ov:] = wav[:, -ov:].double() * (1 - ramp) + head
-        wav = torch.cat([wav, cur[:, ov:]], dim=-1)
+        wav = torch.cat([wav[:, :-ov], crossfade(wav[:, -ov:], cur[:, :ov]), cur[:, ov:]], dim=-1)
     return wav.contiguous()
 
 
