@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -183,7 +184,7 @@ def run(lib: library.Library, todo, fp: dict, *, ckpt, revision, dtype, batch_si
         shard_songs: int, progress: bool, extra_errors=()) -> tuple[library.Stats, int, int]:
     """Encode ``todo`` into ``lib`` on the connected cluster; returns (stats, encoder devices, songs lost)."""
     ray = _ray()
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     stats = library.Stats()
     if extra_errors:
@@ -197,14 +198,21 @@ def run(lib: library.Library, todo, fp: dict, *, ckpt, revision, dtype, batch_si
     items = [{"song_id": s.song_id, "path": s.path, "file": s.file} for s in todo]
     # one block per song (up to a limit): a file that kills its reader takes no other song with it
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 20000)))
-    ds = ds.map(_read_row, num_cpus=1, concurrency=max(1, workers), max_retries=MAX_RETRIES)
-    ds = ds.map_batches(
-        _Encoder, fn_constructor_kwargs=dict(ckpt=str(ckpt), revision=revision, dtype=str(dtype).replace("torch.", ""),
-                                             device="cuda" if gpus else "cpu", batch_size=batch_size),
-        batch_size=SONGS_PER_CALL, compute=ActorPoolStrategy(size=actors), num_cpus=1,
-        num_gpus=1 if gpus else None, batch_format="numpy", max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
-    sink = _shard_sink_class()(lib.out, lib.fmt, lib.shard, fp, shard_songs)
-    ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
+    # Ray's defaults retry a failing task or actor forever, so a file that crashes its process would loop;
+    # the caps below have no named parameter yet (Ray 2.60 warns that the remote-args route goes in 2.64,
+    # hence the version cap in requirements-ray.txt), and the warning would only confuse a user.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map(_read_row, num_cpus=1, compute=TaskPoolStrategy(size=max(1, workers)), max_retries=MAX_RETRIES)
+        ds = ds.map_batches(
+            _Encoder, fn_constructor_kwargs=dict(ckpt=str(ckpt), revision=revision,
+                                                 dtype=str(dtype).replace("torch.", ""),
+                                                 device="cuda" if gpus else "cpu", batch_size=batch_size),
+            batch_size=SONGS_PER_CALL, compute=ActorPoolStrategy(size=actors), num_cpus=1,
+            num_gpus=1 if gpus else None, batch_format="numpy", max_restarts=MAX_RETRIES,
+            max_task_retries=MAX_RETRIES)
+        sink = _shard_sink_class()(lib.out, lib.fmt, lib.shard, fp, shard_songs)
+        ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
     for r in sink.results:
         if not isinstance(r, dict):
             continue
