@@ -13,7 +13,6 @@ import contextlib
 import functools
 import math
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from .errors import ArgumentError, AudioError, NumericalError, OutputError
+from .errors import ArgumentError, AudioError, NotRegularFile, NumericalError, OutputError, open_regular, os_reason
 from .tokens import EXTENSION as TOKEN_EXTENSION
 from .tokens import open_atomic
 
@@ -74,18 +73,14 @@ def check_input_file(path, what: str = "Audio file", error=AudioError) -> str:
         raise error(f"{what} must be given as a path, got {type(path).__name__}.")
     path = os.fspath(path)
     try:
-        st = os.stat(path)
+        open_regular(path).close()
     except FileNotFoundError:
         raise error(f"{what} '{path}' does not exist; check the path.") from None
+    except NotRegularFile as e:
+        kind = "a folder" if e.kind == "a folder" else "not a regular file"
+        raise error(f"{what} '{path}' is {kind}; give the path of a file.") from None
     except OSError as e:
-        raise error(f"Cannot open {what.lower()} '{path}': {e.strerror or e}.") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise error(f"{what} '{path}' is {kind}; give the path of a file.")
-    try:
-        os.close(os.open(path, os.O_RDONLY))
-    except OSError as e:
-        raise error(f"Cannot open {what.lower()} '{path}': {e.strerror or e}.") from None
+        raise error(f"Cannot open {what.lower()} '{path}': {os_reason(e)}.") from None
     return path
 
 

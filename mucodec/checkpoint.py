@@ -24,7 +24,6 @@ import math
 import operator
 import os
 import pickle
-import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NotRegularFile, open_regular, os_reason
 from .flow import FlowDecoder, FlowDecoderConfig
 from .muq import MuQConfig, MuQEncoder
 from .quantizer import Quantizer, QuantizerConfig
@@ -122,23 +121,17 @@ def _download(repo_id: str, roles, revision: str | None) -> dict[str, Path]:
 def check_file(path: str | os.PathLike) -> None:
     """Raise a CheckpointError saying what the OS says about ``path`` unless it is a readable regular file.
 
-    Uses ``os.stat`` first, so a FIFO or device is reported, never opened (opening a FIFO would hang).
+    A FIFO or device is reported, never opened (opening a FIFO would hang).
     """
     try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
+        open_regular(path).close()
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a component of the path is a file
         raise CheckpointError(f"Checkpoint {path} does not exist: download it from {HUB_URL} and save it there.") from None
-    except OSError as e:
-        raise _os_error(path, e) from None
-    if not stat.S_ISREG(st.st_mode):
-        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
-            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file"
+    except NotRegularFile as e:
         raise CheckpointError(
-            f"{path} is not a regular file (it is {what}): put the checkpoint file itself at that path "
+            f"{path} is not a regular file (it is {e.kind}): put the checkpoint file itself at that path "
             f"(download it from {HUB_URL})."
-        )
-    try:
-        os.close(os.open(path, os.O_RDONLY))
+        ) from None
     except OSError as e:
         raise _os_error(path, e) from None
 
@@ -149,7 +142,7 @@ def _os_error(path, e: OSError) -> CheckpointError:
             f"{path} cannot be read: permission denied; give your user read access to it (e.g. chmod a+r) "
             f"or copy it to a folder you can read."
         )
-    return CheckpointError(f"{path} cannot be read: {e.strerror or e}; check the disk and the file, or download it "
+    return CheckpointError(f"{path} cannot be read: {os_reason(e)}; check the disk and the file, or download it "
                            f"again from {HUB_URL}.")
 
 

@@ -56,7 +56,6 @@ import operator
 import os
 import re
 import secrets
-import stat
 import struct
 import zlib
 from pathlib import Path
@@ -64,7 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ArgumentError, CodesError, OutputError, TokenFileError
+from .errors import ArgumentError, CodesError, NotRegularFile, OutputError, TokenFileError, open_regular, os_reason
 
 MAGIC = b"MUCODEC"
 VERSION = 2  # the version written
@@ -398,48 +397,10 @@ def decode_tokens(data: bytes, where: str = "token data", *, expect=None) -> tup
 
 # ---- files --------------------------------------------------------------------------------------------
 
-def _reason(error: OSError) -> str:
-    return error.strerror or str(error)
-
-
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "a special file"
-
-
-class _NotRegular(Exception):
-    """The path is a folder, pipe, device or socket (its st_mode is kept for the message)."""
-
-    def __init__(self, mode: int):
-        super().__init__(mode)
-        self.mode = mode
-
-
-def _open_regular(path):
-    """Read-only binary file object for ``path`` if it is a regular file; never blocks (FIFOs are refused).
-
-    Raises OSError from the OS, or _NotRegular(mode).
-    """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise _NotRegular(mode)
-    # O_NONBLOCK: should the path turn into a FIFO after the stat, opening it must still not wait.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    f = open(fd, "rb")
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        f.close()
-        raise _NotRegular(mode)
-    return f
-
-
 def _read_token_bytes(path: Path) -> bytes:
     """The bytes of ``path``, at most MAX_FILE of them; anything larger is refused unread."""
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_FILE:
                 if f.read(len(MAGIC)) != MAGIC:
@@ -447,10 +408,10 @@ def _read_token_bytes(path: Path) -> bytes:
                 raise TokenFileError(f"{path} is damaged: it holds {size} bytes, more than the largest token file "
                                      f"({MAX_FILE} bytes); re-encode the audio.")
             data = f.read(MAX_FILE + 1)  # + 1: a file that grew after fstat is still caught by decode_tokens
-    except _NotRegular as e:
-        raise TokenFileError(f"Cannot read token file {path}: it is {_kind(e.mode)}, not a regular file.") from None
+    except NotRegularFile as e:
+        raise TokenFileError(f"Cannot read token file {path}: it is {e.kind}, not a regular file.") from None
     except OSError as e:
-        raise TokenFileError(f"Cannot read token file {path}: {_reason(e)}.") from None
+        raise TokenFileError(f"Cannot read token file {path}: {os_reason(e)}.") from None
     return data or b""
 
 
@@ -473,9 +434,9 @@ def is_token_path(path) -> bool:
 def is_token_file(path) -> bool:
     """Whether ``path`` is a regular file starting with the token-file magic (a cheap sniff; no validation)."""
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             return f.read(len(MAGIC)) == MAGIC
-    except (OSError, _NotRegular):
+    except OSError:  # NotRegularFile included
         return False
 
 
@@ -506,8 +467,8 @@ def _temporary_name(name: str) -> str:
 
 def _output_error(path: Path, error: OSError) -> OutputError:
     if isinstance(error, FileNotFoundError) and not path.parent.is_dir():
-        return OutputError(f"Cannot write {path}: {_reason(error)} (create the folder {path.parent} first).")
-    return OutputError(f"Cannot write {path}: {_reason(error)}.")
+        return OutputError(f"Cannot write {path}: {os_reason(error)} (create the folder {path.parent} first).")
+    return OutputError(f"Cannot write {path}: {os_reason(error)}.")
 
 
 @contextlib.contextmanager

@@ -281,7 +281,7 @@ def test_directory_in_place_of_a_file_is_not_missing(folder):
     path.mkdir()
     with pytest.raises(CheckpointError) as e:
         MuCodec.from_pretrained(folder, device="cpu", encoder_only=True)
-    assert f"{path} is not a regular file (it is a directory)" in str(e.value)
+    assert f"{path} is not a regular file (it is a folder)" in str(e.value)
 
 
 def test_fifo_in_place_of_a_file_does_not_hang(folder):
@@ -300,7 +300,7 @@ def test_fifo_in_place_of_a_file_does_not_hang(folder):
     t.start()
     t.join(60)
     assert not t.is_alive(), "loading blocked on a FIFO"
-    assert result and "is not a regular file (it is a FIFO)" in result[0]
+    assert result and "is not a regular file (it is a named pipe)" in result[0]
 
 
 def test_device_in_place_of_a_file(folder):
