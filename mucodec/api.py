@@ -30,33 +30,37 @@ def default_checkpoint() -> str:
     return str(REPO_ROOT) if all((REPO_ROOT / f).is_file() for f in FILES.values()) else DEFAULT_REPO
 
 
-def pick_dtype(dtype) -> torch.dtype:
-    """None -> float32; a name or torch dtype among float32, float16, bfloat16."""
-    if dtype is None:
-        return torch.float32
+def pick_dtype(dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """None or 'auto' -> the precision the official code decodes in on ``device``: float16 autocast
+    around the flow decoder on CUDA, float32 elsewhere (bfloat16 on a CPU is faster but deviates from
+    the official output by ~0.6 %, so it is asked for, not assumed). Else a name or torch dtype among
+    float32, float16, bfloat16."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    raise ArgumentError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    raise ArgumentError(f"dtype {dtype!r} is not supported; use auto or one of {', '.join(DTYPES)}.")
 
 
-def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "auto", dtype=None,
+def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "auto", dtype="auto",
                encoder_only: bool = False, revision: str | None = None, progress: bool = True) -> MuCodec:
     """Load MuCodec and make it the model the notebook functions use.
 
     ``ckpt``: a folder in the official layout (``tools/audioldm_48k.pth``, ``muq_dev/muq.pt``,
     ``ckpt/mucodec.pt``) or a hub repo id at ``revision``; default: the folder above this package
     when it holds the weights, else ``MuCodec/mucodec`` (downloaded once into the Hugging Face cache).
-    ``device``: 'auto' (cuda > mps > cpu) or a device name. ``dtype``: float32 (default), or
-    float16 / bfloat16 for the flow decoder. ``encoder_only`` loads MuQ and the quantizer only.
+    ``device``: 'auto' (cuda > mps > cpu) or a device name. ``dtype``: 'auto' (default: float16 for the
+    flow decoder on CUDA, as the official code runs it, float32 elsewhere), float32, float16 or bfloat16. ``encoder_only`` loads MuQ and the quantizer only.
     Calling it again with the same settings returns the same model without reloading.
     """
     global _current
     if ckpt is not None and not isinstance(ckpt, (str, os.PathLike)):
         raise ArgumentError(f"ckpt must be a folder or a hub repo id, got {ckpt!r}.")
-    settings = (os.fspath(ckpt) if ckpt is not None else default_checkpoint(), pick_device(device),
-                pick_dtype(dtype), bool(encoder_only), revision)
+    device = pick_device(device)
+    settings = (os.fspath(ckpt) if ckpt is not None else default_checkpoint(), device,
+                pick_dtype(dtype, device), bool(encoder_only), revision)
     if _current is not None and _current[0] == settings:
         return _current[1]
     _current = None  # let the old model go before the new one is built (each is several GB)

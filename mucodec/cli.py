@@ -73,9 +73,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="random seed for the decoder's noise, applied to each file (default: random)")
     p.add_argument("--device", default="auto",
                    help="cuda, cuda:1, mps, cpu or auto: cuda, else mps, else cpu (default: auto)")
-    p.add_argument("--dtype", choices=tuple(api.DTYPES), default="float32",
-                   help="precision of the flow decoder (DiT under autocast; everything else stays float32): "
-                        "bfloat16 on recent CPUs and GPUs, float16 on GPUs (default: float32)")
+    p.add_argument("--dtype", choices=("auto",) + tuple(api.DTYPES), default="auto",
+                   help="precision of the flow decoder (DiT under autocast; everything else stays float32). "
+                        "auto: float16 on CUDA, as the official code runs it, float32 elsewhere; bfloat16 is "
+                        "about 2x faster on CPUs with native bfloat16 (deviation ~0.6 %%) (default: auto)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
                    help="40.96 s chunks encoded at once; lower it if memory runs out "
                         f"(default: {_DEFAULTS.encoder_batch_size})")
@@ -136,6 +137,7 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         args.device = api.pick_device(args.device)
     except ArgumentError as e:
         parser.error(str(e))
+    args.dtype = str(api.pick_dtype(args.dtype, args.device)).replace("torch.", "")
     if args.device.split(":")[0] == "cpu" and args.dtype == "float16":
         parser.error("--dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():

@@ -132,7 +132,7 @@ def test_help_lists_defaults(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     for words in ("50 to reconstruct audio", "20 to decode a token file", "(default: 1.5)", "(default: 3)",
-                  "(default: float32)", "(default: auto)", ".mct", "--overwrite", "--encode", "--prompt", "--seed",
+                  "float16 on CUDA", "(default: auto)", ".mct", "--overwrite", "--encode", "--prompt", "--seed",
                   "--quiet", "--revision", "tools/audioldm_48k.pth", "https://huggingface.co/MuCodec/mucodec",
                   "32-bit float WAV"):
         assert words in out, words
@@ -225,6 +225,14 @@ def test_flags_reach_the_codec(tmp_path, fake):
 def test_bfloat16_on_the_cpu(tmp_path):
     assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o", "--dtype", "bfloat16", "--device", "cpu") == 0
     assert FakeCodec.built[0]["dtype"] == torch.bfloat16
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("cuda", torch.float16), ("cuda:1", torch.float16),
+                                           ("mps", torch.float32)])
+def test_auto_dtype_is_what_the_official_code_runs_on_the_device(device, dtype):
+    # the official generate.py decodes under torch.autocast("cuda", float16); on other devices that is a no-op
+    assert api.pick_dtype("auto", device) == api.pick_dtype(None, device) == dtype
+    assert api.pick_dtype("bfloat16", device) == torch.bfloat16
 
 
 def test_seed_makes_output_reproducible(tmp_path):
