@@ -10,7 +10,7 @@ Stages (``--stages``, comma-separated; default all but ``song``):
 
     gemm        the machine's matrix-multiply peak in --dtype (so "percent of peak" below is honest)
     load        MuCodec.from_pretrained
-    sound2code  a 40.96 s stereo clip (the official encoder schedule)
+    sound2code  a 40.96 s stereo clip (--clip-seconds; the official encoder schedule)
     dit_step    one classifier-free-guidance DiT forward over a full window (batch 2 x 96 x 512 x 32)
     vae         VAE decode of one window's latents (2, 16, 512, 32) -> mel (2, 1, 4096, 256)
     vocoder     the vocoder of one window (4096 mel frames, 2 channels; --vocoder-frames), shared overlaps
@@ -174,6 +174,7 @@ def main(argv=None) -> dict:
     p.add_argument("--stages", default=",".join(ALL_STAGES))
     p.add_argument("--steps", type=int, default=20, help="Euler steps for 'window' and 'song' (official: 20)")
     p.add_argument("--song-seconds", type=float, default=180.0)
+    p.add_argument("--clip-seconds", type=float, default=40.96, help="length of the 'sound2code' clip")
     p.add_argument("--vocoder-frames", type=int, default=None,
                    help="mel frames for 'vocoder' (default: one window, 4096; the official timing script uses 1792)")
     p.add_argument("--repeat", type=int, default=1)
@@ -216,7 +217,8 @@ def main(argv=None) -> dict:
         return r
 
     if "sound2code" in stages:
-        clip = signal(40.96)
+        clip = signal(args.clip_seconds)
+        codec.sound2code(clip[:, :48000])  # warm-up: maps the encoder weights in
         say("sound2code", timed(lambda: codec.sound2code(clip), device, args.repeat)[0])
 
     c = codec.config

@@ -40,7 +40,7 @@ def main(argv=None) -> str:
     frames = None
     if "vocoder_chunk_infer" in ref:
         frames = ref["vocoder_chunk_infer"]["wav_shape"][-1] // 480 if "wav_shape" in ref["vocoder_chunk_infer"] else None
-    rows = ["| stage | precision | official (s) | this repo (s) | speed-up | memory used official / this repo (GiB) |",
+    rows = ["| stage | this repo in | official, float32 (s) | this repo (s) | speed-up | memory used official / this repo (GiB) |",
             "| --- | --- | --- | --- | --- | --- |"]
     # (stage, dtype) -> result; a later file replaces an earlier one's measurement of the same stage
     results = {(stage, run["dtype"]): r for run in runs for stage, r in run["stages"].items()}
