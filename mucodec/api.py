@@ -52,7 +52,8 @@ def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "a
     ``ckpt/mucodec.pt``) or a hub repo id at ``revision``; default: the folder above this package
     when it holds the weights, else ``MuCodec/mucodec`` (downloaded once into the Hugging Face cache).
     ``device``: 'auto' (cuda > mps > cpu) or a device name. ``dtype``: 'auto' (default: float16 for the
-    flow decoder on CUDA, as the official code runs it, float32 elsewhere), float32, float16 or bfloat16. ``encoder_only`` loads MuQ and the quantizer only.
+    flow decoder on CUDA, as the official code runs it, float32 elsewhere), float32, float16 or bfloat16.
+    ``encoder_only`` loads MuQ and the quantizer only.
     Calling it again with the same settings returns the same model without reloading.
     """
     global _current

@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
 
     if "sound2code" in stages:
         clip = signal(args.clip_seconds)
-        codec.sound2code(clip[:, :48000])  # warm-up: maps the encoder weights in
+        codec.sound2code(clip[:, : codec.sample_rate])  # warm-up: maps the encoder weights in
         say("sound2code", timed(lambda: codec.sound2code(clip), device, args.repeat)[0])
 
     c = codec.config

@@ -7,8 +7,8 @@ OFFICIAL_TIMINGS.json is what the reference harness's timing script writes for t
 (stages ``sound2code_40.96s``, ``dit_cfg_forward``, ``vae_decode_window``, ``vocoder_chunk_infer``);
 each BENCH.json is a ``tools/bench.py --json`` file (run the vocoder with the same ``--vocoder-frames``).
 Prints a Markdown table, one row per stage and precision (memory used = peak RSS while the stage ran
-minus RSS before it; a stage that first touches lazily loaded weights counts them), and one 40.96 s window at ``--steps`` steps
-composed from the stages (steps x DiT step + VAE + vocoder of a full window; vocoder times of shorter
+minus RSS before it; a stage that first touches lazily loaded weights counts them), and one 40.96 s
+window at ``--steps`` steps composed from the stages (steps x DiT step + VAE + vocoder of a full window; vocoder times of shorter
 mels are scaled to 4096 frames: by vocoder calls for the official code, as its script does, and by
 frames for the shared-overlap schedule).
 """
@@ -16,9 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-FULL_FRAMES = 4096
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mucodec.codec import CodecConfig  # noqa: E402
+from mucodec.vae import VAEConfig  # noqa: E402
+from mucodec.vocoder import VocoderConfig  # noqa: E402
+
+FULL_FRAMES = CodecConfig().window_latents * VAEConfig().downsampling  # mel frames of one window (4096)
 PAIRS = [  # (bench stage, official item, label)
     ("sound2code", "sound2code_40.96s", "`sound2code`, 40.96 s stereo clip"),
     ("dit_step", "dit_cfg_forward", "one DiT guidance step (batch 2, full window)"),
@@ -37,9 +44,8 @@ def main(argv=None) -> str:
     official = json.loads(Path(args.official).read_text())
     ref = {it["name"]: it for it in official["items"]}
     runs = [json.loads(Path(b).read_text()) for b in args.bench]
-    frames = None
-    if "vocoder_chunk_infer" in ref:
-        frames = ref["vocoder_chunk_infer"]["wav_shape"][-1] // 480 if "wav_shape" in ref["vocoder_chunk_infer"] else None
+    wav_shape = ref.get("vocoder_chunk_infer", {}).get("wav_shape")
+    frames = wav_shape[-1] // VocoderConfig().hop_length if wav_shape else None
     rows = ["| stage | this repo in | official, float32 (s) | this repo (s) | speed-up | memory used official / this repo (GiB) |",
             "| --- | --- | --- | --- | --- | --- |"]
     # (stage, dtype) -> result; a later file replaces an earlier one's measurement of the same stage
