@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -306,49 +305,49 @@ class MuCodec:
         Model work runs in inference mode window by window (a mode held across ``yield`` would leak
         into the caller's code between pieces).
         """
-        c = self.config
-        frames, overlap = c.window_latents, c.overlap_latents
-        lat_shape = (1, self.flow.cfg.latent_channels, frames, self.flow.cfg.freq_bins)
-        randn = functools.partial(_randn, generator=opts.generator, device=self.device)
-        codes = codes.to(self.device)
-
-        first_latent = randn(lat_shape)
-        prompt_frames = prompt_codes = 0
-        if prompt is not None:
-            prompt_latent, prompt_code = self._prompt_latents(prompt, opts.generator)
-            prompt_frames = prompt_latent.shape[2]
-            first_latent = torch.cat([prompt_latent, first_latent[:, :, prompt_frames:]], 2)
-            prompt_codes = prompt_code.shape[-1]
-            codes = torch.cat([prompt_code.to(self.device), codes], -1)
-
-        # the official expression (1920 samples per code), kept in float arithmetic
-        remaining = min(limit, int((codes.shape[-1] - prompt_codes) / (4 * c.frame_rate) * 4 * c.sample_rate))
-        starts = self.decode_windows(codes.shape[-1])
-        padded = c.padded_codes(codes.shape[-1])
-        codes = _repeat_to(codes, padded)[..., :padded]
-        bar = tqdm(total=len(starts) * opts.num_steps, desc="decode", unit="step", disable=not self.progress,
+        song = SongDecode(self, codes, limit, opts.generator, prompt, noise)
+        bar = tqdm(total=len(song.starts) * opts.num_steps, desc="decode", unit="step", disable=not self.progress,
                    leave=False)
-        joiner = OverlapAdd(c.window_codes * c.samples_per_code, c.hop_codes * c.samples_per_code)
-        prev = None
-        for k, start in enumerate(starts):
-            if k == 0:
-                true_latents, incontext = first_latent, prompt_frames
-            else:
-                true_latents = torch.cat([prev[:, :, -overlap:], randn(lat_shape[:2] + (frames - overlap, lat_shape[3]))],
-                                         2)
-                incontext = overlap
-            x0 = noise[k].to(self.device, torch.float32) if noise is not None else randn(lat_shape)
-            prev = self.decode_window(codes[..., start:start + c.window_codes], true_latents, incontext, x0, opts,
-                                      callback=lambda *a: bar.update(1))
-            wav = self.latents_to_wave(prev[:, :, prompt_frames:] if k == 0 else prev, opts.fast_vocoder).cpu()
-            for piece in joiner.add(wav, last=k == len(starts) - 1):
-                piece = piece[:, :remaining]
-                remaining -= piece.shape[-1]
-                if piece.shape[-1]:
-                    yield piece
-            if remaining <= 0:  # later windows cannot change what was already given out
-                break
+        while not song.done:
+            for pieces in self.decode_step([song], opts, callback=lambda *a: bar.update(1)):
+                yield from pieces
         bar.close()
+
+    def start_decode(self, codes, *, num_samples: int | None = None, seed: int | None = None,
+                     generator: torch.Generator | None = None) -> "SongDecode":
+        """One song's decode as a :class:`SongDecode`, for :meth:`decode_step` batches of several songs.
+
+        Arguments as :meth:`iter_decode` (no prompt or injected noise). A song stepped in any batch gives
+        what ``code2sound(codes, seed=seed)`` gives alone, up to the batch-size dependence of the matrix
+        kernels (see ``tests/test_batch_decode.py``)."""
+        self._require_decoder()
+        codes, limit = self._codes(codes)
+        if num_samples is not None:
+            limit = min(limit, _count("num_samples", num_samples, None, None))
+        return SongDecode(self, codes, limit, _generator(seed, generator))
+
+    def decode_options(self, *, num_steps: int | None = None, guidance_scale: float | None = None,
+                       fast_vocoder: bool = True) -> "DecodeOptions":
+        """Checked settings shared by every song of a :meth:`decode_step` batch."""
+        return DecodeOptions(num_steps=_count("num_steps", num_steps, self.config.code2sound_steps, MAX_STEPS),
+                             guidance_scale=_guidance(guidance_scale, self.config.guidance_scale),
+                             generator=None, fast_vocoder=bool(fast_vocoder))
+
+    def decode_step(self, songs: list["SongDecode"], opts: "DecodeOptions", callback=None) -> list[list[torch.Tensor]]:
+        """The next window of each unfinished song, as one batch through the flow decoder (batch 2B with
+        guidance), then each song's window through the VAE and vocoder on its own (one window's VAE
+        activations are GBs; a batch would multiply the peak for no gain on a device one window already
+        fills). Returns, per song, the (2, n) float32 CPU pieces of its output that became final."""
+        inputs = [s.window_inputs() for s in songs]
+        codes, true_latents, x0 = (torch.cat([i[j] for i in inputs]) for j in (0, 1, 3))
+        incontext = [i[2] for i in inputs]
+        latents = self.decode_window(codes, true_latents, incontext[0] if len(songs) == 1 else incontext, x0, opts,
+                                     callback=callback)
+        out = []
+        for song, lat in zip(songs, latents.split(1)):
+            wav = self.latents_to_wave(song.audible(lat), opts.fast_vocoder).cpu()
+            out.append(song.take(lat, wav))
+        return out
 
     def decode_windows(self, n: int) -> list[int]:
         """Start (in codes) of each decoder window for ``n`` codes: windows of 1024 codes every 768."""
@@ -358,7 +357,8 @@ class MuCodec:
     @torch.inference_mode()
     def decode_window(self, codes: torch.Tensor, true_latents: torch.Tensor, incontext: int, x0: torch.Tensor,
                       opts: "DecodeOptions", callback=None) -> torch.Tensor:
-        """One window: codes (1, 1, 1024), in-context latents and initial noise (1, 32, 512, 32) -> latents."""
+        """One window of B songs: codes (B, 1, 1024), in-context latents and initial noise (B, 32, 512, 32),
+        ``incontext`` prefix frames (one int, or one per song) -> latents (B, 32, 512, 32)."""
         z_q, _ = self.quantizer.from_codes(codes)
         with self._autocast():
             latents = self.flow.sample(z_q, true_latents, self.config.window_latents, incontext, x0, opts.num_steps,
@@ -539,6 +539,77 @@ class MuCodec:
 
     def _token_fields(self) -> dict:
         return {k: v for k, v in self.token_spec.items() if k != "num_codebooks"}
+
+
+class SongDecode:
+    """One song's decode as a sequence of windows: what :meth:`MuCodec.code2sound` carries from one window
+    to the next (codes, the song's own generator, the previous window's latents, the crossfade).
+
+    Noise is drawn from the song's generator in the official order (the first window's in-context
+    latents, the prompt's VAE samples, then per window its fresh in-context frames and its initial
+    noise), so batching songs together never changes what any song draws.
+    """
+
+    def __init__(self, codec: MuCodec, codes: torch.Tensor, limit: int, generator=None, prompt=None, noise=None):
+        c = codec.config
+        self.codec, self.generator, self.noise = codec, generator, noise
+        self.shape = (1, codec.flow.cfg.latent_channels, c.window_latents, codec.flow.cfg.freq_bins)
+        codes = codes.to(codec.device)
+        self._first = self._randn(self.shape)
+        self.prompt_frames = prompt_codes = 0
+        if prompt is not None:
+            prompt_latent, prompt_code = codec._prompt_latents(prompt, generator)
+            self.prompt_frames = prompt_latent.shape[2]
+            self._first = torch.cat([prompt_latent, self._first[:, :, self.prompt_frames:]], 2)
+            prompt_codes = prompt_code.shape[-1]
+            codes = torch.cat([prompt_code.to(codec.device), codes], -1)
+        # the official expression (1920 samples per code), kept in float arithmetic
+        self.remaining = min(limit, int((codes.shape[-1] - prompt_codes) / (4 * c.frame_rate) * 4 * c.sample_rate))
+        self.num_samples = self.remaining
+        self.starts = codec.decode_windows(codes.shape[-1])
+        padded = c.padded_codes(codes.shape[-1])
+        self.codes = _repeat_to(codes, padded)[..., :padded]
+        self.joiner = OverlapAdd(c.window_codes * c.samples_per_code, c.hop_codes * c.samples_per_code)
+        self.window, self.prev, self.done = 0, None, False
+
+    def _randn(self, shape) -> torch.Tensor:
+        return _randn(shape, generator=self.generator, device=self.codec.device)
+
+    def window_inputs(self):
+        """(codes (1, 1, 1024), in-context latents (1, 32, 512, 32), prefix frames, initial noise) of the
+        next window; draws that window's noise."""
+        c, k = self.codec.config, self.window
+        if k == 0:
+            true_latents, incontext = self._first, self.prompt_frames
+        else:
+            overlap = c.overlap_latents
+            fresh = self._randn(self.shape[:2] + (self.shape[2] - overlap, self.shape[3]))
+            true_latents, incontext = torch.cat([self.prev[:, :, -overlap:], fresh], 2), overlap
+        x0 = self.noise[k].to(self.codec.device, torch.float32) if self.noise is not None else self._randn(self.shape)
+        start = self.starts[k]
+        return self.codes[..., start:start + c.window_codes], true_latents, incontext, x0
+
+    def audible(self, latents: torch.Tensor) -> torch.Tensor:
+        """The part of a window's latents that becomes sound (the prompt's frames do not)."""
+        return latents[:, :, self.prompt_frames:] if self.window == 0 else latents
+
+    def take(self, latents: torch.Tensor, wav: torch.Tensor) -> list[torch.Tensor]:
+        """Record the finished window; returns the pieces of output that became final."""
+        last = self.window == len(self.starts) - 1
+        pieces = []
+        for piece in self.joiner.add(wav, last=last):
+            piece = piece[:, :self.remaining]
+            self.remaining -= piece.shape[-1]
+            if piece.shape[-1]:
+                pieces.append(piece)
+        self.prev, self.window = latents, self.window + 1
+        # later windows cannot change what was already given out
+        self.done = last or self.remaining <= 0
+        return pieces
+
+    @property
+    def windows(self) -> int:
+        return len(self.starts)
 
 
 class EncoderWindows:

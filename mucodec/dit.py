@@ -244,8 +244,12 @@ class DiT(nn.Module):
         return self.pos_embed(x)
 
     def embed_timestep(self, t: torch.Tensor, dtype: torch.dtype = torch.float32):
-        """t (B,) -> (adaln modulation (B, 6D), embedded timestep (B, D))."""
-        return self.adaln_single(t, dtype)
+        """t (B,) -> (adaln modulation (B, 6D), embedded timestep (B, D)).
+
+        One item at a time: a matrix kernel may sum in another order for another row count, and an item's
+        output must not depend on how many songs share its batch (the cost is a few (1, D) products)."""
+        parts = [self.adaln_single(t[i:i + 1], dtype) for i in range(t.shape[0])]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def project_out(self, h: torch.Tensor, embedded_t: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Final modulated norm + linear + unpatchify: (B, N, D) -> (B, out_channels, F, W)."""

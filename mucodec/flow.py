@@ -96,14 +96,19 @@ class FlowDecoder(nn.Module):
         return cond.reshape(b, t // k, c, w).permute(0, 2, 1, 3).contiguous()
 
     @staticmethod
-    def frame_masks(num_frames: int, latent_length: int, incontext_length: int, device=None):
-        """Official ``latent_masks`` (2 below latent_length, then 1 below incontext_length) as two
-        (F,) bool masks: frames that keep their condition (mask > 0) and prefix frames (mask == 1)."""
-        latent_length, incontext_length = int(latent_length), int(incontext_length)
-        if latent_length < 0 or incontext_length < 0:
-            raise ValueError("latent_length and incontext_length must be >= 0")
+    def frame_masks(num_frames: int, latent_length: int, incontext_length, device=None):
+        """Official ``latent_masks`` (2 below latent_length, then 1 below incontext_length) as two bool
+        masks: frames that keep their condition (mask > 0) and prefix frames (mask == 1).
+
+        ``incontext_length`` is one int (masks of shape (F,)) or one per batch item (masks (B, F)): items
+        of one batch may be at different windows of their songs, so their prefixes differ."""
+        latent_length = int(latent_length)
+        lengths = torch.as_tensor(incontext_length, dtype=torch.long, device=device)
+        if latent_length < 0 or bool((lengths < 0).any()) or lengths.dim() > 1:
+            raise ValueError("latent_length and incontext_length must be >= 0 (incontext: one int or one per item)")
         idx = torch.arange(num_frames, device=device)
-        return idx < max(latent_length, incontext_length), idx < incontext_length
+        lengths = lengths[..., None] if lengths.dim() else lengths
+        return idx < torch.clamp(lengths, min=latent_length), idx < lengths
 
     def sample(self, z_q: torch.Tensor, true_latents: torch.Tensor, latent_length: int, incontext_length: int,
                noise: torch.Tensor, num_steps: int, guidance_scale: float,
@@ -121,14 +126,18 @@ class FlowDecoder(nn.Module):
             if true_latents.shape != cond.shape or noise.shape != cond.shape:
                 raise ValueError(f"true_latents {tuple(true_latents.shape)} and noise {tuple(noise.shape)} "
                                  f"must match the condition's shape {tuple(cond.shape)}")
-            _, c, f, w = cond.shape
+            b, c, f, w = cond.shape
             keep, prefix_mask = self.frame_masks(f, latent_length, incontext_length, cond.device)
+            if keep.dim() == 2 and keep.shape[0] != b:
+                raise ValueError(f"incontext_length has {keep.shape[0]} items but the batch has {b}")
+            keep, prefix_mask = keep.reshape(-1, 1, f, 1), prefix_mask.reshape(-1, 1, f, 1)
             zero_cond = self.zero_cond_embedding1.reshape(1, c, 1, w).to(cond.dtype)
-            cond = torch.where(keep[None, None, :, None], cond, zero_cond)
-            prefix = self.normfeat.project(true_latents) * prefix_mask[None, None, :, None].to(true_latents.dtype)
-            n_prefix = int(prefix_mask.sum())
+            cond = torch.where(keep, cond, zero_cond)
+            prefix = self.normfeat.project(true_latents) * prefix_mask.to(true_latents.dtype)
+            n_prefix = (int(prefix_mask.sum()) if prefix_mask.shape[0] == 1
+                        else prefix_mask.reshape(-1, f).sum(1).tolist())
             x = self.solve_euler(noise, prefix, n_prefix, cond, num_steps, guidance_scale, callback)
-            x[:, :, :n_prefix] = prefix[:, :, :n_prefix]
+            x = torch.where(_prefix_mask(n_prefix, x), prefix, x)
             return self.normfeat.unproject(x)
 
     def solve_euler(self, noise: torch.Tensor, prefix: torch.Tensor, n_prefix: int, cond: torch.Tensor,
@@ -136,7 +145,9 @@ class FlowDecoder(nn.Module):
                     callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
         """Euler integration of dx/dt = v(x, t) from t = 0 (x = noise) to 1; all (B, C, F, W).
 
-        Every step first resets the prefix frames to the straight path between noise and prefix.
+        Every step first resets the prefix frames to the straight path between noise and prefix;
+        ``n_prefix`` is their count, one int or one per item (elementwise selection, so an item's result
+        does not depend on its batch mates' prefixes).
         t is accumulated in float32 (t += dt; dt = t_span[k+1] - t) exactly as the official solver,
         so e.g. 3 steps evaluate at 0, 0.33333334, 0.6666666. With guidance the DiT batch is
         [B unconditional items (zero condition), B conditional items] and the timestep is repeated
@@ -148,13 +159,13 @@ class FlowDecoder(nn.Module):
         t_span = torch.linspace(0, 1, num_steps + 1, device=noise.device)
         t, dt = t_span[0], t_span[1] - t_span[0]
         x = noise.clone()
+        in_prefix = _prefix_mask(n_prefix, x)
         guided = guidance_scale > 1.0
         if guided:  # batch = [unconditional (zero condition) items, conditional items]
             prefix_in = torch.cat([prefix, prefix], 0)
             cond_in = torch.cat([torch.zeros_like(cond), cond], 0)
         for step in range(1, num_steps + 1):
-            x[:, :, :n_prefix] = ((1 - (1 - self.cfg.sigma_min) * t) * noise[:, :, :n_prefix]
-                                  + t * prefix[:, :, :n_prefix])
+            x = torch.where(in_prefix, (1 - (1 - self.cfg.sigma_min) * t) * noise + t * prefix, x)
             if guided:
                 v = self.estimator(torch.cat([torch.cat([x, x], 0), prefix_in, cond_in], 1), t.repeat(2 * b))
                 v_uncond, v_cond = v.chunk(2, 0)
@@ -168,3 +179,9 @@ class FlowDecoder(nn.Module):
             if callback is not None:
                 callback(step, num_steps)
         return x
+
+
+def _prefix_mask(n_prefix, x: torch.Tensor) -> torch.Tensor:
+    """Prefix frames of ``x`` (B, C, F, W) as a bool mask broadcastable to it: (1 or B, 1, F, 1)."""
+    lengths = torch.as_tensor(n_prefix, dtype=torch.long, device=x.device).reshape(-1, 1, 1, 1)
+    return torch.arange(x.shape[2], device=x.device).reshape(1, 1, -1, 1) < lengths

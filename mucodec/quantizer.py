@@ -63,4 +63,6 @@ class Quantizer(nn.Module):
                 f"codes must be in [0, {n}), got values from {int(codes.min())} to {int(codes.max())}."
             )
         z_p = F.embedding(codes[:, 0].long(), self.codebook.weight).transpose(1, 2)
-        return self.out_proj(z_p), z_p
+        # one item at a time: the convolution kernel may sum in another order for another batch size, and a
+        # song's decode must not depend on how many songs share its batch
+        return torch.cat([self.out_proj(z_p[i:i + 1]) for i in range(z_p.shape[0])]), z_p
