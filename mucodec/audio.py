@@ -132,27 +132,44 @@ def load_audio(path, sample_rate: int = CODEC_SAMPLE_RATE) -> torch.Tensor:
     return _to_stereo(wav[:, :done], rate, sample_rate, f"Audio file '{path}'")
 
 
+# Output formats: soundfile (format, subtype). FLAC holds 24-bit integers (lossless for them, about half the
+# size of float WAV); float WAV keeps the decoder's output exactly, including samples beyond +-1.
+AUDIO_FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24")}
+
+
 def write_wav(path, wav: torch.Tensor, sample_rate: int = CODEC_SAMPLE_RATE) -> None:
-    """Write (C, N) audio as 32-bit float WAV, atomically (see :func:`wav_writer`)."""
+    """Write (C, N) audio as 32-bit float WAV, atomically (see :func:`audio_writer`)."""
     with wav_writer(path, sample_rate, wav.shape[0]) as write:
         write(wav)
 
 
-@contextlib.contextmanager
 def wav_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2):
-    """Stream (C, n) pieces into a 32-bit float WAV file that appears at ``path`` only when complete.
+    """:func:`audio_writer` for 32-bit float WAV."""
+    return audio_writer(path, sample_rate, channels, "wav")
+
+
+@contextlib.contextmanager
+def audio_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2, fmt: str = "wav"):
+    """Stream (C, n) pieces into an audio file (``fmt`` in :data:`AUDIO_FORMATS`) that appears at ``path``
+    only when complete.
 
     Yields ``write(piece)``. The samples go to a hidden temporary file beside ``path``, renamed over it
     when the block ends without an exception; on any failure (including Ctrl-C) nothing is left behind.
-    Float keeps the decoder's output exactly, including samples beyond +-1. Non-finite samples are
-    refused (:class:`NumericalError`) before anything of them is written.
+    Non-finite samples are refused (:class:`NumericalError`) before anything of them is written. FLAC
+    stores 24-bit integers, so samples beyond +-1 are clipped to full scale (float WAV keeps them).
     """
     path = Path(path)
+    if fmt not in AUDIO_FORMATS:
+        raise ArgumentError(f"audio format {fmt!r} is not one of {', '.join(AUDIO_FORMATS)}.")
+    container, subtype = AUDIO_FORMATS[fmt]
+    clip = subtype != "FLOAT"
 
     def write(piece: torch.Tensor) -> None:
         data = piece.detach().float().cpu()
         if not torch.isfinite(data).all():
             raise NumericalError(f"The decoder produced NaN or infinite samples for {path}; nothing was written.")
+        if clip:  # libsndfile would wrap out-of-range floats around instead
+            data = data.clamp(-1.0, 1.0)
         try:
             f.write(data.numpy().T)
         except (OSError, soundfile.SoundFileError) as e:
@@ -160,8 +177,8 @@ def wav_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2):
 
     in_body = False  # errors of the caller's block pass through unchanged
     try:
-        with open_atomic(path) as raw, soundfile.SoundFile(raw, "w", sample_rate, channels, subtype="FLOAT",
-                                                            format="WAV") as f:
+        with open_atomic(path) as raw, soundfile.SoundFile(raw, "w", sample_rate, channels, subtype=subtype,
+                                                            format=container) as f:
             in_body = True
             yield write
             in_body = False

@@ -115,17 +115,21 @@ class MuCodec:
 
     def __init__(self, muq, quantizer, flow=None, vae=None, vocoder=None, *,
                  config: CodecConfig | None = None, device="cpu", dtype=torch.float32,
-                 audioldm_path=None, progress=False):
+                 audioldm_path=None, progress=False, offload=False):
         self.config = config or CodecConfig()
         self.device = torch.device(device)
         self.dtype = dtype
         self.progress = progress
+        # offload: the flow decoder, VAE and vocoder wait in CPU memory and visit the device only while they
+        # run, so the device holds one stage's weights at a time (what lets a decode fit a small GPU)
+        self.offload = bool(offload) and self.device.type != "cpu"
+        home = torch.device("cpu") if self.offload else self.device
         self._sources: dict[str, str] = {}  # stage -> checkpoint file it was loaded from, for error messages
-        self.muq = muq.eval().to(self.device)
+        self.muq = muq.eval().to(self.device) if muq is not None else None
         self.quantizer = quantizer.eval().to(self.device)
-        self.flow = flow.eval().to(self.device) if flow is not None else None
-        self.vae = vae.eval().to(self.device) if vae is not None else None
-        self.vocoder = vocoder.eval().to(self.device) if vocoder is not None else None
+        self.flow = flow.eval().to(home) if flow is not None else None
+        self.vae = vae.eval().to(home) if vae is not None else None
+        self.vocoder = vocoder.eval().to(home) if vocoder is not None else None
         self._audioldm_path = audioldm_path
         self._encoder_vae = None  # the VAE encoder half, loaded on the first prompt
 
@@ -149,20 +153,27 @@ class MuCodec:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike | None = None, device: str | None = None,
                         dtype: torch.dtype = torch.float32, encoder_only: bool = False, layer: int | None = None,
-                        progress: bool = False, revision: str | None = None) -> "MuCodec":
+                        progress: bool = False, revision: str | None = None, decoder_only: bool = False,
+                        offload: bool = False) -> "MuCodec":
         """Load the official checkpoints.
 
         ``path_or_repo``: a folder laid out like the official release (``tools/audioldm_48k.pth``,
         ``muq_dev/muq.pt``, ``ckpt/mucodec.pt``) or a hub repo id (default ``MuCodec/mucodec``,
         downloaded into the huggingface_hub cache; ``revision`` picks a branch, tag or commit of it).
-        ``encoder_only`` loads MuQ and the quantizer only (no DiT, VAE or vocoder weights are read).
+        ``encoder_only`` loads MuQ and the quantizer only (no DiT, VAE or vocoder weights are read);
+        ``decoder_only`` everything but MuQ (decoding a token library; no prompts, which need the encoder).
+        ``offload`` keeps the decoder's stages in CPU memory except while each runs on the device.
         ``layer``: MuQ hidden state the codes are taken from (the official checkpoint was trained on 6).
         How each stage is read from the files is the table ``checkpoint.STAGES``.
         """
         if path_or_repo is not None and not isinstance(path_or_repo, (str, os.PathLike)):
             raise ArgumentError(f"path_or_repo must be a folder or a hub repo id, got {path_or_repo!r}.")
         device = pick_device(device)
+        if encoder_only and decoder_only:
+            raise ArgumentError("Pass encoder_only or decoder_only, not both.")
         stages = ENCODER_STAGES if encoder_only else ENCODER_STAGES + DECODER_STAGES
+        if decoder_only:
+            stages = tuple(s for s in stages if s != "muq")
         files = resolve_files(path_or_repo if path_or_repo is not None else DEFAULT_REPO, roles_of(stages), revision)
         ckpts = Checkpoints(files)
         config = ckpts.sizes("mucodec", "codec", CodecConfig)
@@ -170,8 +181,9 @@ class MuCodec:
             config.layer = layer
         ckpts.layer = config.layer
         m = ckpts.load(stages)
-        codec = cls(m["muq"], m["quantizer"], m.get("flow"), m.get("vae"), m.get("vocoder"), config=config,
-                    device=device, dtype=dtype, audioldm_path=files.get("audioldm"), progress=progress)
+        codec = cls(m.get("muq"), m["quantizer"], m.get("flow"), m.get("vae"), m.get("vocoder"), config=config,
+                    device=device, dtype=dtype, audioldm_path=files.get("audioldm"), progress=progress,
+                    offload=offload)
         codec._sources = ckpts.sources(stages)
         return codec
 
@@ -203,12 +215,18 @@ class MuCodec:
         bar.close()
         return torch.cat(codes, 0).reshape(1, 1, -1)[..., :num_codes].cpu()
 
+    def _require_encoder(self):
+        if self.muq is None:
+            raise CheckpointError("This MuCodec was loaded with decoder_only=True; load it again without it to "
+                                  "encode audio or use a prompt.")
+
     def encoder_windows(self, wav: torch.Tensor) -> tuple["EncoderWindows", int, int]:
         """(2, N) float32 at 48 kHz -> (its encoder windows, how many of them are encoded, codes kept).
 
         Windows encode independently of their batch, so packing the first ``count`` windows of several
         clips into shared batches and cutting each clip's codes to ``num_codes`` equals :meth:`_encode`.
         """
+        self._require_encoder()
         c = self.config
         x = wav.to(self.device, torch.float32)
         # float arithmetic exactly as the official code, so the count agrees at every length
@@ -233,6 +251,7 @@ class MuCodec:
     @torch.inference_mode()
     def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
         """One batch of encoder windows (B, 2, L) at 48 kHz -> codes (B, 1, T) (official ``fetch_codes_batch``)."""
+        self._require_encoder()
         c = self.config
         mono = audio.prepare_muq_input(x, c.channel_peak, c.sample_rate, self.muq.cfg.sample_rate)
         hidden = self.muq(mono)  # (B, T, 1024)
@@ -294,6 +313,7 @@ class MuCodec:
             generator=_generator(seed, generator),
             fast_vocoder=bool(fast_vocoder))
         if prompt is not None:
+            self._require_encoder()
             prompt = self.prepare_prompt(prompt, sample_rate=prompt_sample_rate)
         windows = self.decode_windows(codes.shape[-1] + (self._prompt_codes(prompt) if prompt is not None else 0))
         noise = self._check_noise(noise, len(windows))
@@ -314,14 +334,15 @@ class MuCodec:
         bar.close()
 
     def start_decode(self, codes, *, num_samples: int | None = None, seed: int | None = None,
-                     generator: torch.Generator | None = None) -> "SongDecode":
+                     generator: torch.Generator | None = None, where: str = "codes") -> "SongDecode":
         """One song's decode as a :class:`SongDecode`, for :meth:`decode_step` batches of several songs.
 
-        Arguments as :meth:`iter_decode` (no prompt or injected noise). A song stepped in any batch gives
+        Arguments as :meth:`iter_decode` (no prompt or injected noise); ``where`` names the codes in errors.
+        A song stepped in any batch gives
         what ``code2sound(codes, seed=seed)`` gives alone, up to the batch-size dependence of the matrix
         kernels (see ``tests/test_batch_decode.py``)."""
         self._require_decoder()
-        codes, limit = self._codes(codes)
+        codes, limit = self._codes(codes, where)
         if num_samples is not None:
             limit = min(limit, _count("num_samples", num_samples, None, None))
         return SongDecode(self, codes, limit, _generator(seed, generator))
@@ -360,7 +381,7 @@ class MuCodec:
         """One window of B songs: codes (B, 1, 1024), in-context latents and initial noise (B, 32, 512, 32),
         ``incontext`` prefix frames (one int, or one per song) -> latents (B, 32, 512, 32)."""
         z_q, _ = self.quantizer.from_codes(codes)
-        with self._autocast():
+        with self._autocast(), self._visiting(self.flow):
             latents = self.flow.sample(z_q, true_latents, self.config.window_latents, incontext, x0, opts.num_steps,
                                        opts.guidance_scale, callback=callback).float()
         self._check_finite(latents, "flow", "The flow decoder")
@@ -370,10 +391,26 @@ class MuCodec:
     def latents_to_wave(self, latents: torch.Tensor, fast_vocoder: bool = True) -> torch.Tensor:
         """Latents (1, 32, F, 32) -> (2, 480 * 8F) waveform: channels 0-15 left, 16-31 right."""
         b, ch, t, f = latents.shape
-        mel = self.vae.decode(latents.reshape(b * 2, ch // 2, t, f).float())
-        wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder)
+        with self._visiting(self.vae):
+            mel = self.vae.decode(latents.reshape(b * 2, ch // 2, t, f).float())
+        with self._visiting(self.vocoder):
+            wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder)
         self._check_finite(wav, "audioldm", "The VAE and vocoder")
         return wav
+
+    @contextlib.contextmanager
+    def _visiting(self, module):
+        """With ``offload``: ``module`` on the device for the block, back in CPU memory after it."""
+        if not self.offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _autocast(self):
         if self.dtype != torch.float32 and self.device.type in ("cuda", "cpu"):
@@ -400,12 +437,12 @@ class MuCodec:
             return audio.load_audio(x, self.sample_rate)
         return audio.to_stereo(x, sample_rate, self.sample_rate)
 
-    def _codes(self, codes) -> tuple[torch.Tensor, int]:
+    def _codes(self, codes, where: str = "codes") -> tuple[torch.Tensor, int]:
         """Codes or a token file -> (LongTensor (1, 1, T), output length limit in samples)."""
         if isinstance(codes, (str, os.PathLike)):
             codes, header = tokens.load_codes(codes, expect=self.token_spec)
             return codes, header["num_samples"]
-        codes = tokens.validate_codes(codes, self.codebook_size, num_codebooks=1)
+        codes = tokens.validate_codes(codes, self.codebook_size, where=where, num_codebooks=1)
         return codes, codes.shape[-1] * self.config.samples_per_code
 
     @property
