@@ -17,7 +17,7 @@ from mucodec.codec import MuCodec
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
-from mucodec import ray_engine  # noqa: E402  (needs ray)
+from mucodec.library import ray_engine  # noqa: E402  (needs ray)
 from test_library import MIXED, codes_of, common, make_music  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
