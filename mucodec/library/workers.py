@@ -1,7 +1,8 @@
 """Worker processes: one picklable function run on each item of a list, in order, in spawned processes.
 
 At most ``prefetch`` items are done ahead of the consumer, so memory stays bounded whatever the list's
-length, and an item that kills its process takes no other item with it.
+length; an item that kills its process takes no other item with it; and no worker outlives its parent,
+however the parent dies.
 """
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import signal
+import threading
+import time
 
 from ..errors import MuCodecError
+
+PARENT_POLL_SECONDS = 0.5
 
 
 def default_workers() -> int:
@@ -29,9 +34,20 @@ def call_safely(fn, item) -> dict:
         return {"error": f"internal error {type(e).__name__}: {e}"}
 
 
-def _init_worker() -> None:
+def _exit_with_parent(parent: int) -> None:
+    # Each worker holds both ends of the pool's pipes, so no end-of-file ever tells it that its parent is
+    # gone: without this a SIGKILLed run leaves its workers, and through their inherited descriptor
+    # multiprocessing's resource tracker, running forever. Polling works on every system, and unlike
+    # Linux's parent-death signal it does not fire when merely the thread that started the worker ends.
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
     # Ctrl-C goes to the whole process group: the parent decides what to keep, workers just stop with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
     import torch
 
     torch.set_num_threads(1)
@@ -52,7 +68,7 @@ class Reader:
     def _pool(self):
         # spawn, not fork: this process already runs torch threads, and a forked copy of them can deadlock
         return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker)
+                                      initializer=_init_worker, initargs=(os.getpid(),))
 
     def __iter__(self):
         if self.workers == 0:
