@@ -29,18 +29,19 @@ instead, ``both`` does both)::
 Exactly once: a song's id is a hash of its path relative to the input folder. Every shard and error file
 appears by an atomic rename, so a song is committed exactly when a shard file holding it exists; the state
 is read back from those files on every start (temporary files of a crashed run are ignored and cleaned),
-so a crash between two steps can neither lose nor duplicate a committed song. pyarrow is imported only when parquet is written or read.
+so a crash between two steps can neither lose nor duplicate a committed song. A job with no songs writes
+nothing. pyarrow is imported only when parquet is written or read.
 """
 from .encode import (CODE_VERSION, FORMATS, EncodeJob, Library, Result, WindowPacker, encode_library, fingerprint,
                      read_song)
 from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local, summary_line
 from .parquet import FlatCodes, iter_codes, load_flat, read_library, write_shard
-from .songs import Song, in_shard, job_tag, parse_shard, scan, song_id
+from .songs import Song, in_shard, job_tag, list_folder, parse_shard, scan, song_id
 from .store import State, Store, error_row, read_errors
 from .workers import Reader, default_workers
 
 __all__ = ["CODE_VERSION", "COMMIT_SECONDS", "FORMATS", "SHARD_SONGS", "EncodeJob", "FlatCodes", "Library", "Plan",
            "Reader", "Result", "Sink", "Song", "State", "Stats", "Store", "WindowPacker", "default_workers",
-           "encode_library", "error_row", "fingerprint", "in_shard", "iter_codes", "job_tag", "load_flat",
-           "parse_shard", "plan_run", "read_errors", "read_library", "read_song", "report", "run_local", "scan",
-           "song_id", "summary_line", "write_shard"]
+           "encode_library", "error_row", "fingerprint", "in_shard", "iter_codes", "job_tag", "list_folder",
+           "load_flat", "parse_shard", "plan_run", "read_errors", "read_library", "read_song", "report", "run_local",
+           "scan", "song_id", "summary_line", "write_shard"]

@@ -23,7 +23,7 @@ import torch
 from .. import audio, tokens
 from ..errors import ArgumentError, MuCodecError, OutputError
 from . import parquet
-from .engine import COMMIT_SECONDS, SHARD_SONGS, Sink, Stats, plan_run, report, run_local
+from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import Song, in_shard, scan
 from .store import Store, dumps, error_row, file_sha256
 from .workers import default_workers
@@ -348,7 +348,7 @@ def mct_collisions(lib: Library, songs: list[Song]) -> tuple[list[Song], list[di
 @dataclass
 class Result:
     report: dict
-    problems: list  # [(input, message)]: inputs that named nothing
+    problems: list  # [(input, message)]: inputs that named nothing, entries of folders that were skipped
 
 
 def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype=torch.float32, fmt="parquet",
@@ -357,7 +357,8 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
                    say=lambda msg: None) -> Result:
     """Tokenise the songs under ``inputs`` into ``out`` (see the package docstring); returns the report.
 
-    A finished job run again loads no model and encodes nothing; a job whose output was made with other weights or settings is refused (OutputError)
+    A job with no songs writes nothing (not even ``out``); a finished job run again loads no model and
+    encodes nothing; a job whose output was made with other weights or settings is refused (OutputError)
     unless ``overwrite``. Per-song failures become error rows.
     """
     from .. import api
@@ -370,6 +371,12 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     songs, problems = scan(inputs, out)
     lib = Library(out, fmt, shard)
     job_songs = [s for s in songs if in_shard(s.song_id, shard)]
+    if not job_songs:
+        # nothing to do writes nothing: no folder, fingerprint, manifest or report, and no model is looked for
+        rep = report(lib, Plan([], [], 0, 0), Stats(), task="encode", engine=engine, device=torch.device(device).type,
+                     workers=workers, devices=0, wall=time.perf_counter() - start, fp=None,
+                     fields=report_fields(lib, Stats(), 0.0), write=False)
+        return Result(rep, problems)
     if lib.parquet:
         parquet.require_pyarrow()
     ckpt = ckpt if ckpt is not None else api.default_checkpoint()
