@@ -1,13 +1,17 @@
-"""Issue 17, item 2: listing a folder never fails on links (loops are skipped with a line, dangling links
-become error rows), and a job with nothing to do writes nothing."""
+"""Issue 17, items 2 and 3: listing a folder never fails on links (loops are skipped with a line, dangling
+links become error rows), a job with nothing to do writes nothing, and .mct files written by the library
+carry the token spec of the model that made them, so that model decodes them."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mucodec import cli, library
 from mucodec.audio import audio_extensions
+from mucodec.tokens import load_codes
 from test_library import common, encode, make_music
 
 pytest.importorskip("pyarrow")
@@ -84,3 +88,18 @@ def test_shard_without_songs_writes_nothing(tmp_path, tiny_ckpt_dir):
     other = 1 + (int(library.song_id("a.wav"), 16) + 1) % 2  # the job of 2 that a.wav is not in
     assert encode("--encode", music, "-o", tmp_path / "tok", "--shard", f"{other}/2", *common(tiny_ckpt_dir)) == 0
     assert not (tmp_path / "tok").exists()
+
+
+def test_mct_headers_carry_the_models_token_spec(tmp_path, tiny_ckpt_dir, tiny_codec):
+    music = make_music(tmp_path / "music", [("a.wav", 24000, 48000, 2), ("b/c.flac", 30000, 44100, 1)])
+    out = tmp_path / "tok"
+    assert encode("--encode", music, "-o", out, "--format", "mct", "--workers", 0, *common(tiny_ckpt_dir)) == 0
+    assert tiny_codec.layer != 6  # the format's default: a header copied from the defaults would be caught
+    for rel, n in (("a.mct", 24000), ("b/c.mct", int(30000 / 44100 * 48000))):
+        codes, header = load_codes(out / rel)
+        assert all(header[k] == v for k, v in tiny_codec.token_spec.items() if k != "num_codebooks")
+        wav = tiny_codec.code2sound(out / rel, num_steps=1, seed=0)  # the model that made them decodes them
+        assert wav.shape == (2, header["num_samples"]) and abs(header["num_samples"] - n) <= 1
+        assert np.isfinite(wav.numpy()).all()
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["songs"]["done"] == 2 and rep["format"] == "mct"

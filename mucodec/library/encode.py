@@ -113,8 +113,10 @@ class Library(Store):
             dst.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"Cannot create the folder {dst.parent}: {e.strerror or e}.") from None
+        # the header's fields come from the model that made the codes, or its own model could not decode them
         tokens.save_codes(dst, torch.from_numpy(row["codes"].astype(np.int64)), num_samples=row["num_samples"],
-                          original_sample_rate=row["sample_rate"], original_channels=row["channels"])
+                          original_sample_rate=row["sample_rate"], original_channels=row["channels"],
+                          **row["token_fields"])
 
     def write_index(self) -> None:
         entries = [{"file": f"shards/{f.name}", "songs": parquet.shard_rows(f)}
@@ -234,6 +236,7 @@ class SongEncoder:
 
     def __init__(self, codec, batch_size: int):
         self.packer = WindowPacker(codec, batch_size)
+        self.token_fields = {k: v for k, v in codec.token_spec.items() if k != "num_codebooks"}
         self.songs = {}  # song -> (what its reader said, its length at 48 kHz)
 
     def add(self, song: Song, got: dict) -> list[tuple]:
@@ -256,15 +259,15 @@ class SongEncoder:
         out = []
         for song, codes, why in done:
             got, n = self.songs.pop(song)
-            out.append((song, None if why else song_row(song, got, codes, n), why))
+            out.append((song, None if why else song_row(song, got, codes, n, self.token_fields), why))
         return out
 
 
-def song_row(song: Song, got: dict, codes: torch.Tensor, num_samples: int) -> dict:
-    """A shard row."""
+def song_row(song: Song, got: dict, codes: torch.Tensor, num_samples: int, token_fields: dict) -> dict:
+    """A shard row (plus the ``.mct`` header fields of the model that made the codes)."""
     return {"song_id": song.song_id, "path": song.path, "duration": float(got["duration"]),
             "sample_rate": int(got["sample_rate"]), "channels": int(got["channels"]), "num_samples": int(num_samples),
-            "num_codes": int(codes.numel()), "codes": codes.numpy().astype(np.uint16)}
+            "num_codes": int(codes.numel()), "codes": codes.numpy().astype(np.uint16), "token_fields": token_fields}
 
 
 # ------------------------------------------------------------------------------------------------
