@@ -103,3 +103,10 @@ def test_mct_headers_carry_the_models_token_spec(tmp_path, tiny_ckpt_dir, tiny_c
         assert np.isfinite(wav.numpy()).all()
     rep = json.loads((out / "report.json").read_text())
     assert rep["songs"]["done"] == 2 and rep["format"] == "mct"
+
+
+def test_looping_link_given_as_input_is_one_sentence(tmp_path, capsys):
+    (tmp_path / "a.wav").symlink_to("a.wav")
+    assert cli.main([str(tmp_path / "a.wav"), "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "Too many levels of symbolic links" in err and "0 done, 1 failed" in err
