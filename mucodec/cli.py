@@ -201,12 +201,9 @@ def _expand_inputs(inputs: list[str], out_dir: Path) -> tuple[list[tuple[Path, P
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
-            files = []
-            for f in sorted(path.rglob("*")):
-                rel = f.relative_to(path)
-                if (f.is_file() and f.suffix.lower() in exts and not any(p.startswith(".") for p in rel.parts)
-                        and not _is_within(f, out_dir)):
-                    files.append((f, rel.with_suffix("")))
+            listed, skipped = library.list_folder(path, exts, exclude=out_dir)
+            failed += skipped
+            files = [(f, Path(rel).with_suffix("")) for f, rel in listed if f.is_file()]
             if not files:
                 failed.append((arg, f"The folder {arg} holds no audio or {tokens.EXTENSION} files."))
             found += files
@@ -222,12 +219,9 @@ def _expand_inputs(inputs: list[str], out_dir: Path) -> tuple[list[tuple[Path, P
     return found, failed
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
+def _real(path: Path) -> Path:
+    """The file ``path`` names, links followed; a looping link is itself (Path.resolve raises on one)."""
+    return Path(os.path.realpath(path))
 
 
 def _folder_problem(folder: Path) -> str | None:
@@ -247,7 +241,7 @@ def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
     found, failed = _expand_inputs(args.inputs, out_dir)
     jobs, claimed, seen = [], {}, set()
     for src, rel in found:
-        key = src.resolve()
+        key = _real(src)
         if key in seen:
             continue
         seen.add(key)
@@ -265,11 +259,11 @@ def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
         else:
             kind, ext = ("encode", tokens.EXTENSION) if args.encode else ("reconstruct", ".wav")
         dst = out_dir / rel.with_name(rel.name + ext)
-        if dst.resolve() in claimed:
-            failed.append((str(src), f"{src} would write {dst}, which {claimed[dst.resolve()]} already writes; "
+        if _real(dst) in claimed:
+            failed.append((str(src), f"{src} would write {dst}, which {claimed[_real(dst)]} already writes; "
                                      "rename one of them or run them separately."))
             continue
-        if dst.resolve() == key:
+        if _real(dst) == key:
             failed.append((str(src), f"{src} would be overwritten by its own output; choose another -o folder."))
             continue
         if dst.exists() and not args.overwrite:
@@ -279,7 +273,7 @@ def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
         if problem:
             failed.append((str(src), problem))
             continue
-        claimed[dst.resolve()] = src
+        claimed[_real(dst)] = src
         jobs.append(Job(src, dst, kind))
     return jobs, failed
 

@@ -14,10 +14,11 @@ import pytest
 
 from mucodec import cli, library
 from mucodec.codec import MuCodec
+from mucodec.tokens import load_codes
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
-from mucodec import ray_engine  # noqa: E402  (needs ray)
+from mucodec.library import ray_engine  # noqa: E402  (needs ray)
 from test_library import MIXED, codes_of, common, make_music  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,3 +76,14 @@ def test_ray_killed_midway_resumes_complete_without_duplicates(tmp_path, tiny_ck
                                       "--workers", 1, *common(tiny_ckpt_dir)]]) == 0
     ids = library.read_library(out, columns=["song_id"]).column("song_id").to_pylist()
     assert len(ids) == len(set(ids)) == n
+
+
+@pytest.mark.slow
+def test_ray_mct_headers_carry_the_models_token_spec(tmp_path, tiny_ckpt_dir, tiny_codec):
+    music = make_music(tmp_path / "music", [("a.wav", 24000, 48000, 2)])
+    out = tmp_path / "tok"
+    assert cli.main([str(a) for a in ["--encode", music, "-o", out, "--format", "mct", "--engine", "ray",
+                                      "--workers", 1, *common(tiny_ckpt_dir)]]) == 0
+    _, header = load_codes(out / "a.mct")
+    assert header["layer"] == tiny_codec.layer != 6  # the model's layer, not the format's default
+    assert tiny_codec.code2sound(out / "a.mct", num_steps=1, seed=0).shape == (2, 24000)

@@ -1,0 +1,47 @@
+"""Jobs over a music library, resumable, sharded and exactly once; the first is tokenising it.
+
+    from mucodec import library
+    songs, problems = library.scan(["music/"], out="tokens/")
+    result = library.encode_library(["music/"], "tokens/", ckpt=...)   # or the CLI: --encode music/ -o tokens/
+    flat = library.load_flat("tokens/")              # uint16 codes of every song + offsets, for LM training
+
+One machinery, one module per concern:
+
+    songs.py       song ids, listing the inputs, ``--shard I/N`` and job tags
+    store.py       a job's output folder: fingerprint, manifest, error rows, state read back at every start, report
+    parquet.py     the shard schema, writing a shard, reading a token library back
+    workers.py     worker processes running a function per item: bounded prefetch, crash isolation, no orphans
+    engine.py      the local engine: items -> worker reads -> the job's batcher -> the job's sink; plans, reports
+    ray_engine.py  the same on Ray Data (imported only for ``engine="ray"``)
+    encode.py      the encode job: window packing, reading audio, parquet shards and .mct files
+
+The encode job's output folder (format ``parquet``; ``mct`` writes ``<path without extension>.mct`` per song
+instead, ``both`` does both)::
+
+    fingerprint.json          what made the codes: checkpoint hashes, code version, batch size, dtype, ...
+    manifest[-I-of-N].jsonl   the songs of one job: song_id, path, size, mtime
+    shards/<job>-<n>.parquet  ~1000 songs each: song_id, path, duration, sample_rate, channels, num_samples,
+                              num_codes, codes (list<uint16>)
+    errors/<job>-<n>.jsonl    failed songs: song_id, path, stage, message, time
+    index[-I-of-N].json       the committed shards of the job (informative: the shard files are the truth)
+    report[-I-of-N].json      the last run: songs done/skipped/failed, hours per hour, windows/s, padding
+
+Exactly once: a song's id is a hash of its path relative to the input folder. Every shard and error file
+appears by an atomic rename, so a song is committed exactly when a shard file holding it exists; the state
+is read back from those files on every start (temporary files of a crashed run are ignored and cleaned),
+so a crash between two steps can neither lose nor duplicate a committed song. A job with no songs writes
+nothing. pyarrow is imported only when parquet is written or read.
+"""
+from .encode import (CODE_VERSION, FORMATS, EncodeJob, Library, Result, WindowPacker, encode_library, fingerprint,
+                     read_song)
+from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local, summary_line
+from .parquet import FlatCodes, iter_codes, load_flat, read_library, write_shard
+from .songs import Song, in_shard, job_tag, list_folder, parse_shard, scan, song_id
+from .store import State, Store, error_row, read_errors
+from .workers import Reader, default_workers
+
+__all__ = ["CODE_VERSION", "COMMIT_SECONDS", "FORMATS", "SHARD_SONGS", "EncodeJob", "FlatCodes", "Library", "Plan",
+           "Reader", "Result", "Sink", "Song", "State", "Stats", "Store", "WindowPacker", "default_workers",
+           "encode_library", "error_row", "fingerprint", "in_shard", "iter_codes", "job_tag", "list_folder",
+           "load_flat", "parse_shard", "plan_run", "read_errors", "read_library", "read_song", "report", "run_local",
+           "scan", "song_id", "summary_line", "write_shard"]

@@ -1,0 +1,118 @@
+"""Parquet shards of a token library: their schema, writing one, and reading a library back.
+
+pyarrow is imported only here, and only when parquet is written or read, so everything else runs without it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import tokens
+from ..errors import ArgumentError
+from .store import committed_files
+
+
+def _pa():
+    try:
+        import pyarrow
+    except ImportError:
+        raise ArgumentError("Parquet output needs pyarrow: pip install -r requirements-library.txt "
+                            "(or use --format mct).") from None
+    return pyarrow
+
+
+def _pq():
+    _pa()
+    import pyarrow.parquet
+    return pyarrow.parquet
+
+
+def require_pyarrow() -> None:
+    """A missing pyarrow as one sentence now, rather than a traceback after the first shard."""
+    _pa()
+
+
+def _schema(fp: dict | None):
+    pa = _pa()
+    return pa.schema([("song_id", pa.string()), ("path", pa.string()), ("duration", pa.float64()),
+                      ("sample_rate", pa.int32()), ("channels", pa.int32()), ("num_samples", pa.int64()),
+                      ("num_codes", pa.int32()), ("codes", pa.list_(pa.uint16()))],
+                     metadata={b"mucodec.fingerprint": json.dumps(fp, sort_keys=True).encode()} if fp else None)
+
+
+def write_shard(path: Path, rows: list[dict], fp: dict | None = None) -> None:
+    """Write ``rows`` (dicts holding at least the schema's columns) as one parquet file, by atomic rename."""
+    pa, pq = _pa(), _pq()
+    schema = _schema(fp)
+    lengths = np.array([len(r["codes"]) for r in rows], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([np.asarray(r["codes"], dtype=np.uint16) for r in rows]) if rows else np.zeros(0, np.uint16)
+    columns = [pa.array([r[name] for r in rows], type=schema.field(name).type) for name in schema.names[:-1]]
+    columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.uint16())))
+    table = pa.Table.from_arrays(columns, schema=schema)
+    with tokens.open_atomic(path) as f:
+        pq.write_table(table, f)
+
+
+def shard_ids(folder: Path) -> set[str]:
+    """The song ids of every committed shard in ``folder``."""
+    ids = set()
+    for f in committed_files(folder, ".parquet"):
+        ids.update(_pq().read_table(f, columns=["song_id"]).column("song_id").to_pylist())
+    return ids
+
+
+def shard_rows(path: Path) -> int:
+    return _pq().read_metadata(path).num_rows
+
+
+def read_library(out, columns=None):
+    """All committed songs of ``out`` as one pyarrow Table sorted by path (``columns``: a subset)."""
+    pa, pq = _pa(), _pq()
+    files = committed_files(Path(out) / "shards", ".parquet")
+    if not files:
+        return _schema(None).empty_table() if columns is None else _schema(None).empty_table().select(columns)
+    table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    if "path" in table.column_names:
+        table = table.sort_by("path")
+    return table
+
+
+def iter_codes(out):
+    """(song_id, path, codes uint16 array) for every committed song of ``out``, by path."""
+    table = read_library(out, columns=["song_id", "path", "codes"])
+    for sid, path, codes in zip(table.column("song_id").to_pylist(), table.column("path").to_pylist(),
+                                table.column("codes")):
+        yield sid, path, codes.values.to_numpy(zero_copy_only=False).astype(np.uint16, copy=False)
+
+
+@dataclass
+class FlatCodes:
+    """Every song's codes end to end, for language-model training: song ``k`` is
+    ``codes[offsets[k]:offsets[k + 1]]``."""
+
+    codes: np.ndarray  # uint16 (total,)
+    offsets: np.ndarray  # int64 (songs + 1,)
+    song_ids: list[str]
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.song_ids)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.codes[self.offsets[k]:self.offsets[k + 1]]
+
+
+def load_flat(out) -> FlatCodes:
+    """The committed songs of ``out`` (by path) as one flat uint16 array plus offsets."""
+    table = read_library(out, columns=["song_id", "path", "codes"])
+    col = table.column("codes").combine_chunks() if table.num_rows else None
+    if col is None:
+        return FlatCodes(np.zeros(0, np.uint16), np.zeros(1, np.int64), [], [])
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    codes = col.values.to_numpy(zero_copy_only=False).astype(np.uint16, copy=False)
+    return FlatCodes(codes[offsets[0]:offsets[-1]], offsets - offsets[0], table.column("song_id").to_pylist(),
+                     table.column("path").to_pylist())
