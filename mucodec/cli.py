@@ -6,11 +6,14 @@
     python3 generate.py tokens/song.mct -o out/                   # token file -> out/song.wav
     python3 generate.py --encode music/ -o tokens/                # a library -> parquet shards, resumable
     python3 generate.py --encode music/ -o tokens/ --shard 3/8 --engine ray
+    python3 generate.py tokens/ -o audio/ --decode-batch 8         # a token library -> one FLAC per song
 
 A layer over the package: inputs are expanded and every output decided before the model loads (so
 refusals cost nothing), then each file goes through ``MuCodec.encode_file`` / ``decode_file`` /
 ``reconstruct_file``. A failing file is reported in one sentence and the batch goes on. ``--encode`` of a
-folder (or with any library option) runs the library pipeline of ``mucodec.library`` instead.
+folder (or with any library option) runs the encode job of ``mucodec.library`` instead, and token inputs
+that are more than single token files (a token library, tables, arrays, folders of token files) run its
+decode job: the input's kind picks the action, never a verb.
 """
 from __future__ import annotations
 
@@ -93,10 +96,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "the same audio up to float rounding)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     lib = p.add_argument_group(
-        "tokenising a library (--encode of a folder)",
-        "Resumable: run the same command again after a crash and only what was not committed is encoded. "
-        "Output: parquet shards of songs (columns song_id, path, duration, sample_rate, channels, num_samples, "
-        "num_codes, codes), a manifest, an errors table, fingerprint.json and report.json in DIR.")
+        "libraries: tokenising (--encode of a folder) and decoding (a token library, parquet tables, .npy arrays "
+        "or folders of token files)",
+        "Resumable: run the same command again after a crash and only what was not committed is done. "
+        "Encoding writes parquet shards of songs (columns song_id, path, duration, sample_rate, channels, "
+        "num_samples, num_codes, codes); decoding writes one audio file per song, named by its path or id. "
+        "Both write a manifest, an errors table, fingerprint.json and report.json in DIR.")
+    lib.add_argument("--decode-batch", type=int, default=None, metavar="B",
+                     help="decoding token inputs: songs decoded together, one window each per step; lower it if "
+                          f"memory runs out (default: {library.DEFAULT_DECODE_BATCH})")
+    lib.add_argument("--audio-format", choices=("auto", *library.AUDIO_FORMATS), default="auto",
+                     help="audio files written when decoding: flac (24-bit, lossless for it, half the size) or "
+                          "wav (32-bit float, exact); auto: flac for a decode job, wav for single files")
+    lib.add_argument("--offload", action="store_true",
+                     help="keep the decoder's stages in CPU memory except while each runs on the GPU, so a "
+                          "decode fits a small GPU (default: all on the device)")
     lib.add_argument("--format", choices=("auto", *library.FORMATS), default="auto",
                      help=f"parquet shards, one {ext} per song, or both; auto: parquet when an INPUT is a folder or "
                           f"a library option is given, else one {ext} per file as without it (default: auto)")
@@ -104,15 +118,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="run job I of N independent jobs (1 <= I <= N; songs are split by id, so the N jobs "
                           "never overlap and together cover every song)")
     lib.add_argument("--engine", choices=("local", "ray"), default="local",
-                     help="local: worker processes decode, this process encodes; ray: Ray Data on a local "
+                     help="local: worker processes read, this process runs the model; ray: Ray Data on a local "
                           "instance or a cluster (pip install -r requirements-ray.txt) (default: local)")
     lib.add_argument("--address", metavar="ADDR", default=None,
                      help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else a local instance)")
     lib.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="processes (ray: tasks) decoding audio; 0 decodes in this process "
-                          f"(default: {library.default_workers()} here, one less than the cores, at most 8)")
+                     help="processes (ray: tasks) reading the inputs; 0 reads in this process (default: encoding "
+                          f"{library.default_workers()} here, one less than the cores, at most 8; decoding 1)")
     lib.add_argument("--retry-errors", action="store_true",
-                     help="encode again the songs that failed in an earlier run (default: skip them)")
+                     help="try again the songs that failed in an earlier run (default: skip them)")
     lib.add_argument("--shard-size", type=int, default=library.SHARD_SONGS, metavar="N",
                      help=f"songs per parquet shard, the unit of commit (default: {library.SHARD_SONGS}; a shard "
                           f"is also committed every {library.COMMIT_SECONDS / 60:.0f} minutes)")
@@ -142,13 +156,17 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         parser.error(f"-o {args.output} is a file; it must name a folder")
-    library_flags = [name for name, on in (("--format", args.format != "auto"), ("--shard", args.shard is not None),
-                                           ("--engine", args.engine != "local"), ("--address", args.address),
-                                           ("--workers", args.workers is not None),
-                                           ("--retry-errors", args.retry_errors),
-                                           ("--shard-size", args.shard_size != library.SHARD_SONGS)) if on]
-    if library_flags and not args.encode:
-        parser.error(f"{library_flags[0]} is an option of --encode (tokenising a library); add --encode")
+    encode_flags = [name for name, on in (("--format", args.format != "auto"),
+                                          ("--shard-size", args.shard_size != library.SHARD_SONGS)) if on]
+    if encode_flags and not args.encode:
+        parser.error(f"{encode_flags[0]} is an option of --encode (tokenising a library); add --encode")
+    decode_flags = [name for name, on in (("--decode-batch", args.decode_batch is not None),
+                                          ("--audio-format", args.audio_format != "auto"),
+                                          ("--offload", args.offload)) if on]
+    if decode_flags and args.encode:
+        parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")
+    if args.decode_batch is not None and not 1 <= args.decode_batch <= MAX_BATCH:
+        parser.error(f"--decode-batch must lie in [1, {MAX_BATCH}]")
     if args.shard is not None:
         try:
             args.shard = library.parse_shard(args.shard)
@@ -162,21 +180,42 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--shard-size must lie in [1, 1000000]")
 
 
-def _library_mode(args) -> bool:
-    """--encode of a folder, or with any library option: the resumable pipeline; else one .mct per file."""
-    return args.encode and (args.format != "auto" or args.shard is not None or args.engine != "local"
-                            or args.retry_errors or any(Path(i).is_dir() for i in args.inputs))
+def _library_options(args) -> list[str]:
+    """The options only a library job has (encode or decode)."""
+    return [name for name, on in (("--shard", args.shard is not None), ("--engine", args.engine != "local"),
+                                  ("--address", args.address), ("--workers", args.workers is not None),
+                                  ("--retry-errors", args.retry_errors), ("--decode-batch", args.decode_batch is not None),
+                                  ("--offload", args.offload)) if on]
 
 
-def _run_library(args, out_dir: Path, say, progress: bool) -> int:
-    """The library pipeline (mucodec.library); prints the summary and returns the exit status."""
-    fmt = "parquet" if args.format == "auto" else args.format
+def _library_mode(args) -> str | None:
+    """Which library job the inputs call for: 'encode' (--encode of a folder, or with a library option),
+    'decode' (token inputs beyond single token files: a token library, tables, arrays, folders; or single
+    token files with a library option), or None: one output file per input."""
+    if args.encode:
+        lib = args.format != "auto" or _library_options(args) or any(Path(i).is_dir() for i in args.inputs)
+        return "encode" if lib else None
+    if not args.inputs or not all(library.is_token_input(i) for i in args.inputs):
+        return None
+    single_files = all(Path(i).is_file() and (tokens.is_token_path(i) or tokens.is_token_file(i))
+                       for i in args.inputs)
+    return "decode" if _library_options(args) or not single_files else None
+
+
+def _run_library(args, out_dir: Path, say, progress: bool, mode: str) -> int:
+    """A library job (mucodec.library); prints the summary and returns the exit status."""
+    common = dict(ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=api.DTYPES[args.dtype],
+                  shard=args.shard, engine=args.engine, address=args.address, workers=args.workers,
+                  retry_errors=args.retry_errors, overwrite=args.overwrite, progress=progress, say=say)
     try:
-        result = library.encode_library(
-            args.inputs, out_dir, ckpt=args.ckpt, revision=args.revision, device=args.device,
-            dtype=api.DTYPES[args.dtype], fmt=fmt, shard=args.shard, engine=args.engine, address=args.address,
-            workers=args.workers, batch_size=args.batch_size, retry_errors=args.retry_errors,
-            overwrite=args.overwrite, shard_songs=args.shard_size, progress=progress, say=say)
+        if mode == "encode":
+            result = library.encode_library(args.inputs, out_dir, fmt="parquet" if args.format == "auto" else args.format,
+                                            batch_size=args.batch_size, shard_songs=args.shard_size, **common)
+        else:
+            result = library.decode_library(
+                args.inputs, out_dir, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                fast_vocoder=not args.official_vocoder, decode_batch=args.decode_batch, offload=args.offload,
+                audio_format="flac" if args.audio_format == "auto" else args.audio_format, **common)
     except MuCodecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -240,6 +279,7 @@ def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
     """Decide every output before loading the model, so that refusals cost nothing."""
     found, failed = _expand_inputs(args.inputs, out_dir)
     jobs, claimed, seen = [], {}, set()
+    audio_ext = ".flac" if args.audio_format == "flac" else ".wav"
     for src, rel in found:
         key = _real(src)
         if key in seen:
@@ -255,9 +295,9 @@ def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
             if args.encode:
                 failed.append((str(src), f"{src} is already a token file; --encode needs audio."))
                 continue
-            kind, ext = "decode", ".wav"
+            kind, ext = "decode", audio_ext
         else:
-            kind, ext = ("encode", tokens.EXTENSION) if args.encode else ("reconstruct", ".wav")
+            kind, ext = ("encode", tokens.EXTENSION) if args.encode else ("reconstruct", audio_ext)
         dst = out_dir / rel.with_name(rel.name + ext)
         if _real(dst) in claimed:
             failed.append((str(src), f"{src} would write {dst}, which {claimed[_real(dst)]} already writes; "
@@ -327,8 +367,14 @@ def _main(argv, prog) -> int:
             tqdm.write(msg, file=sys.stderr)
 
     progress = not args.quiet and sys.stderr.isatty()
-    if _library_mode(args):
-        return _run_library(args, out_dir, say, progress)
+    mode = _library_mode(args)
+    if mode == "decode" and args.prompt:
+        parser.error("--prompt is for single token files; a decode job decodes each song from its codes alone")
+    if mode is not None:
+        return _run_library(args, out_dir, say, progress, mode)
+    if _library_options(args):
+        parser.error(f"{_library_options(args)[0]} is an option of a library job: --encode of a folder of audio, or "
+                     "decoding a token library, tables, arrays or folders of token files")
     jobs, failed = plan(args, out_dir)
     done = []
     if jobs:

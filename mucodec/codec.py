@@ -553,8 +553,9 @@ class MuCodec:
                                  original_channels=info.channels, **self._token_fields())
 
     def decode_file(self, src, dst, **options) -> Path:
-        """Token file ``src`` -> 48 kHz stereo 32-bit float WAV ``dst``, written window by window into a
-        temporary file renamed at the end (a failure leaves nothing). ``options`` as :meth:`code2sound`."""
+        """Token file ``src`` -> 48 kHz stereo ``dst`` (32-bit float WAV; 24-bit FLAC when it ends in .flac),
+        written window by window into a temporary file renamed at the end (a failure leaves nothing).
+        ``options`` as :meth:`code2sound`."""
         return self._write(dst, self.iter_decode(src, **options))
 
     def reconstruct_file(self, src, dst, *, batch_size: int | None = None, num_steps: int | None = None,
@@ -569,7 +570,9 @@ class MuCodec:
         return self._write(dst, self.iter_decode(codes, num_samples=n, num_steps=steps, **options))
 
     def _write(self, dst, pieces) -> Path:
-        with audio.wav_writer(dst, self.sample_rate) as write:
+        # the name says the format: .flac is FLAC (24-bit), anything else float WAV
+        fmt = "flac" if Path(dst).suffix.lower() == ".flac" else "wav"
+        with audio.audio_writer(dst, self.sample_rate, 2, fmt) as write:
             for piece in pieces:
                 write(piece)
         return Path(dst)

@@ -46,6 +46,7 @@ class FakeCodec(MuCodec):
         self.config = CodecConfig()
         self.device, self.dtype, self.progress = torch.device("cpu"), torch.float32, False
         self._sources = {}
+        self.muq = SimpleNamespace()  # present: the encoder is loaded (its work is faked by _encode)
         self.flow = None if encoder_only else SimpleNamespace(cfg=FlowDecoderConfig())  # sizes only
         self.vae = None
         self.calls = []

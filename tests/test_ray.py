@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from mucodec import cli, library
 from mucodec.codec import MuCodec
@@ -87,3 +88,23 @@ def test_ray_mct_headers_carry_the_models_token_spec(tmp_path, tiny_ckpt_dir, ti
     _, header = load_codes(out / "a.mct")
     assert header["layer"] == tiny_codec.layer != 6  # the model's layer, not the format's default
     assert tiny_codec.code2sound(out / "a.mct", num_steps=1, seed=0).shape == (2, 24000)
+
+
+@pytest.mark.slow
+def test_ray_decode_equals_local(tmp_path, tiny_ckpt_dir):
+    """The decode job on Ray writes the local engine's audio bit for bit (float WAV), and its error rows."""
+    songs = tmp_path / "tok"
+    songs.mkdir()
+    rng = np.random.default_rng(0)
+    for k, n in enumerate((40, 1100, 70)):
+        np.save(songs / f"s{k}.npy", rng.integers(0, 16384, n))
+    np.save(songs / "bad.npy", np.full(5, 99999))
+    base = [songs, "--steps", 1, "--seed", 3, "--decode-batch", 2, "--audio-format", "wav", *common(tiny_ckpt_dir)]
+    assert cli.main([str(a) for a in [*base, "-o", tmp_path / "ray", "--engine", "ray"]]) == 1  # bad.npy
+    assert cli.main([str(a) for a in [*base, "-o", tmp_path / "local", "--workers", 0]]) == 1
+    for k in range(3):
+        a, b = (sf.read(tmp_path / where / f"s{k}.wav", dtype="float32")[0] for where in ("ray", "local"))
+        assert a.shape[0] > 0 and np.array_equal(a, b), k
+    (err,) = library.read_errors(tmp_path / "ray")
+    assert err["path"] == "bad" and "must lie in" in err["message"]
+    assert (tmp_path / "ray" / "fingerprint.json").read_text() == (tmp_path / "local" / "fingerprint.json").read_text()

@@ -5,8 +5,9 @@
     python3 tools/bench.py --synthetic                   # full-size synthetic weights, no download
     python3 tools/bench.py --synthetic --device cuda --dtype bfloat16 --stages dit_step,window --steps 20
     python3 tools/bench.py --synthetic --song-seconds 180 --stages song   # real-time factor of a 3-minute song
+    python3 tools/bench.py --synthetic --stages decode --decode-batches 1,8 --steps 20 --device cuda
 
-Stages (``--stages``, comma-separated; default all but ``song``):
+Stages (``--stages``, comma-separated; default all but ``song`` and ``decode``):
 
     gemm        the machine's matrix-multiply peak in --dtype (so "percent of peak" below is honest)
     load        MuCodec.from_pretrained
@@ -17,6 +18,9 @@ Stages (``--stages``, comma-separated; default all but ``song``):
     vocoder_official  the same with the official overlapping chunks
     window      code2sound of one 40.96 s window at --steps steps
     song        sound2sound of a --song-seconds song at --steps steps: real-time factor
+    decode      the decode job (token files -> FLAC files) over --decode-songs songs of --decode-seconds, once per
+                batch size of --decode-batches, at --steps steps: hours of audio per hour, windows/s, batch
+                fill, peak memory (on a CPU use few steps and say so: a full-size DiT step takes minutes)
 
 Each stage reports seconds (best of --repeat), GFLOP/s where the work is matrix products (FLOPs counted
 once with torch's FLOP counter), the process's peak RSS while it ran (sampled every 10 ms), and the peak
@@ -161,6 +165,31 @@ def signal(seconds: float, seed: int = 0) -> torch.Tensor:
     return torch.stack([x, 0.7 * x]) + 0.02 * torch.randn(2, n, generator=g)
 
 
+def decode_job(codec, ckpt, device, dtype, args):
+    """The decode job over random codes (the decoder's cost does not depend on their values), per batch size."""
+    import tempfile
+
+    import numpy as np
+
+    from mucodec import library
+
+    with tempfile.TemporaryDirectory() as tmp:
+        songs = Path(tmp) / "tokens"
+        songs.mkdir()
+        rng = np.random.default_rng(0)
+        for k in range(args.decode_songs):
+            np.save(songs / f"s{k:04d}.npy", rng.integers(0, codec.codebook_size, int(args.decode_seconds * 25) + 1))
+        for b in [int(x) for x in args.decode_batches.split(",")]:
+            r, res = timed(lambda: library.decode_library(
+                [songs], Path(tmp) / f"audio-{b}", ckpt=ckpt, device=str(device), dtype=dtype, steps=args.steps,
+                seed=0, decode_batch=b, workers=0, codec=codec), device)
+            rep = res.report
+            r.update(songs=rep["songs"]["done"], audio_hours=round(rep["hours_decoded"], 4),
+                     hours_per_hour=rep["hours_per_hour"], windows=rep["windows"],
+                     windows_per_second=rep["windows_per_second"], batch_fill=rep["batch_fill"], steps=args.steps)
+            yield f"decode_b{b}", r
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -177,12 +206,15 @@ def main(argv=None) -> dict:
     p.add_argument("--clip-seconds", type=float, default=40.96, help="length of the 'sound2code' clip")
     p.add_argument("--vocoder-frames", type=int, default=None,
                    help="mel frames for 'vocoder' (default: one window, 4096; the official timing script uses 1792)")
+    p.add_argument("--decode-songs", type=int, default=8, help="songs of the 'decode' stage")
+    p.add_argument("--decode-seconds", type=float, default=180.0, help="length of each song of the 'decode' stage")
+    p.add_argument("--decode-batches", default="1,4", help="--decode-batch values the 'decode' stage compares")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - set(ALL_STAGES) - {"song"}
+    unknown = set(stages) - set(ALL_STAGES) - {"song", "decode"}
     if unknown:
         p.error(f"unknown stage(s) {', '.join(sorted(unknown))}")
     if args.threads:
@@ -267,6 +299,10 @@ def main(argv=None) -> dict:
         r, _ = timed(lambda: codec.sound2sound(song, num_steps=args.steps, seed=0), device)
         r["real_time_factor"] = round(r["seconds"] / args.song_seconds, 3)
         say("song", r)
+
+    if "decode" in stages:
+        for name, r in decode_job(codec, ckpt, device, dtype, args):
+            say(name, r)
 
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,9 +1,10 @@
-"""Jobs over a music library, resumable, sharded and exactly once; the first is tokenising it.
+"""Jobs over a music library, resumable, sharded and exactly once: tokenising it, and decoding tokens to audio.
 
     from mucodec import library
     songs, problems = library.scan(["music/"], out="tokens/")
     result = library.encode_library(["music/"], "tokens/", ckpt=...)   # or the CLI: --encode music/ -o tokens/
     flat = library.load_flat("tokens/")              # uint16 codes of every song + offsets, for LM training
+    result = library.decode_library(["tokens/"], "audio/", ckpt=..., decode_batch=8)  # or: generate.py tokens/ -o audio/
 
 One machinery, one module per concern:
 
@@ -14,6 +15,7 @@ One machinery, one module per concern:
     engine.py      the local engine: items -> worker reads -> the job's batcher -> the job's sink; plans, reports
     ray_engine.py  the same on Ray Data (imported only for ``engine="ray"``)
     encode.py      the encode job: window packing, reading audio, parquet shards and .mct files
+    decode.py      the decode job: token inputs, continuous batching across songs, writer threads, audio files
 
 The encode job's output folder (format ``parquet``; ``mct`` writes ``<path without extension>.mct`` per song
 instead, ``both`` does both)::
@@ -34,13 +36,18 @@ nothing. pyarrow is imported only when parquet is written or read.
 """
 from .encode import (CODE_VERSION, FORMATS, EncodeJob, Library, Result, WindowPacker, encode_library, fingerprint,
                      read_song)
+from .decode import (DEFAULT_BATCH as DEFAULT_DECODE_BATCH, AudioLibrary, AudioWriter, DecodeJob, SongDecoder,
+                     TokenSong, decode_library, is_token_input, read_tokens, scan_tokens, song_seed)
+from ..audio import AUDIO_FORMATS
 from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local, summary_line
 from .parquet import FlatCodes, iter_codes, load_flat, read_library, write_shard
-from .songs import Song, in_shard, job_tag, list_folder, parse_shard, scan, song_id
+from .songs import Song, expand_inputs, glob_files, in_shard, job_tag, list_folder, parse_shard, scan, song_id
 from .store import State, Store, error_row, read_errors
 from .workers import Reader, default_workers
 
-__all__ = ["CODE_VERSION", "COMMIT_SECONDS", "FORMATS", "SHARD_SONGS", "EncodeJob", "FlatCodes", "Library", "Plan",
+__all__ = ["AUDIO_FORMATS", "AudioLibrary", "AudioWriter", "DEFAULT_DECODE_BATCH", "DecodeJob", "SongDecoder",
+           "TokenSong", "decode_library", "expand_inputs", "glob_files", "is_token_input", "read_tokens",
+           "scan_tokens", "song_seed", "CODE_VERSION", "COMMIT_SECONDS", "FORMATS", "SHARD_SONGS", "EncodeJob", "FlatCodes", "Library", "Plan",
            "Reader", "Result", "Sink", "Song", "State", "Stats", "Store", "WindowPacker", "default_workers",
            "encode_library", "error_row", "fingerprint", "in_shard", "iter_codes", "job_tag", "list_folder",
            "load_flat", "parse_shard", "plan_run", "read_errors", "read_library", "read_song", "report", "run_local",

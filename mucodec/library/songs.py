@@ -94,50 +94,61 @@ def list_folder(folder, exts, exclude=None) -> tuple[list[tuple[Path, str]], lis
     return sorted(files, key=lambda f: f[1].split("/")), skipped
 
 
+def glob_files(pattern: str) -> list[Path]:
+    """What a glob pattern matches (``**`` included), folders left out, by name."""
+    return [Path(f) for f in sorted(glob.glob(pattern, recursive=True)) if not Path(f).is_dir()]
+
+
+def expand_inputs(inputs, exts, out=None, what: str = "audio files", folder_files=None):
+    """INPUT arguments (folders, searched by :func:`list_folder`; files; glob patterns) -> ([(file, its
+    '/'-separated name: relative to its folder, else the file's name)], [(input, one-sentence problem)]).
+
+    ``folder_files(folder)``: the files a folder stands for when it is more than a folder of files (a token
+    library stands for its shards), or None to list it."""
+    found, problems = [], []
+    for arg in map(str, inputs):
+        path = Path(arg)
+        if path.is_dir():
+            files = folder_files(path) if folder_files is not None else None
+            if files is None:
+                files, skipped = list_folder(path, exts, exclude=out)
+                problems += skipped
+            if not files:
+                problems.append((arg, f"The folder {arg} holds no {what}."))
+            found += files
+        elif os.path.lexists(path):
+            found.append((path, path.name))
+        elif any(c in arg for c in "*?["):
+            files = glob_files(arg)
+            if not files:
+                problems.append((arg, f"The pattern {arg} matches no file."))
+            found += [(f, f.name) for f in files]
+        else:
+            problems.append((arg, f"{arg} does not exist."))
+    return found, problems
+
+
 def scan(inputs, out=None) -> tuple[list[Song], list[tuple[str, str]]]:
-    """INPUT arguments (folders, searched recursively by :func:`list_folder`; files; glob patterns) ->
-    (songs sorted by path, [(input, one-sentence problem)]). Hidden files and anything inside ``out`` are
-    skipped; a name with an audio extension that is not a regular file is kept, so that it becomes an error
-    row, not a silent gap."""
+    """INPUT arguments (see :func:`expand_inputs`) -> (songs sorted by path, [(input, one-sentence problem)]).
+    Hidden files and anything inside ``out`` are skipped; a name with an audio extension that is not a regular
+    file is kept, so that it becomes an error row, not a silent gap."""
     from ..audio import audio_extensions
 
-    exts = audio_extensions()
     found: dict[str, Song] = {}
-    problems = []
-
-    def add(f: Path, rel: str):
+    files, problems = expand_inputs(inputs, audio_extensions(), out)
+    for f, rel in files:
         sid = song_id(rel)
         if sid in found:
             if found[sid].file != str(f):
                 problems.append((str(f), f"{f} has the same relative path '{rel}' as {found[sid].file}; "
                                          "encode the two folders into separate outputs."))
-            return
+            continue
         try:
             st = os.stat(f)
             size, mtime = st.st_size, st.st_mtime
         except OSError:
             size, mtime = 0, 0.0
         found[sid] = Song(sid, rel, str(f), size, mtime)
-
-    for arg in map(str, inputs):
-        path = Path(arg)
-        if path.is_dir():
-            files, skipped = list_folder(path, exts, exclude=out)
-            problems += skipped
-            for f, rel in files:
-                add(f, rel)
-            if not files:
-                problems.append((arg, f"The folder {arg} holds no audio files."))
-        elif os.path.lexists(path):
-            add(path, path.name)
-        elif any(c in arg for c in "*?["):
-            files = [Path(f) for f in sorted(glob.glob(arg, recursive=True)) if not Path(f).is_dir()]
-            if not files:
-                problems.append((arg, f"The pattern {arg} matches no file."))
-            for f in files:
-                add(f, f.name)
-        else:
-            problems.append((arg, f"{arg} does not exist."))
     return sorted(found.values(), key=lambda s: s.path), problems
 
 

@@ -1,0 +1,606 @@
+"""The decode job: token sequences -> one audio file per song, batched across songs, resumable, sharded.
+
+Inputs (:func:`scan_tokens`), anything a tokenising or language-model pipeline writes:
+
+    a token library written by ``--encode``    its ``shards/*.parquet`` (named by the ``path`` column)
+    any parquet table                          an integer list column of codes (``codes``, else the only
+                                               one); ``path``, ``id``, ``song_id`` or ``name`` names the
+                                               output, else ``<table>/<row>``
+    ``.mct`` token files                       one song each, named by the file
+    ``.npy`` arrays of integer codes           (T,), (1, T) or (1, 1, T): one song; (N, T): N songs,
+                                               ``<array>/<row>``
+
+Output folder, beside the store's files (fingerprint, manifest, errors, report; :mod:`store`)::
+
+    <name>.flac (or .wav)     one per song, committed by an atomic rename, cut to ``num_samples`` where the
+                              tokens carry it (token libraries and .mct files)
+
+A song is committed exactly when its audio file exists. Its noise comes from its own generator, seeded with
+:func:`song_seed` of the job's seed and its id, so its audio equals ``code2sound(codes, seed=song_seed(...))``
+of the song alone whatever the batch and the order (``tests/test_decode_library.py``).
+
+Batching (:class:`SongDecoder`): windows of one song are sequential (each starts from the previous window's
+latents), so window k of up to ``decode_batch`` songs runs through the flow decoder together; a finished
+song's slot goes to the next song's first window at once (continuous batching), and writer threads encode
+and write the audio while the model computes.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import contextlib
+import functools
+import hashlib
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import audio, tokens
+from ..errors import ArgumentError, MuCodecError, OutputError, TokenFileError
+from .engine import COMMIT_SECONDS, Plan, Sink, Stats, plan_run, report, run_local
+from .songs import expand_inputs, glob_files, in_shard, list_folder, song_id
+from .store import Store, error_row, file_sha256
+from .workers import default_workers
+
+# Bump when a change to the code makes different audio from the same codes, weights and settings.
+DECODE_VERSION = 1
+TOKEN_EXTENSIONS = (tokens.EXTENSION, ".npy", ".parquet")
+NAME_COLUMNS = ("path", "id", "song_id", "name")  # the first one a table has names its songs' outputs
+DEFAULT_BATCH = 4
+WRITER_THREADS = 2
+
+
+@dataclass(frozen=True)
+class TokenSong:
+    """One song of the decode job: where its codes are (``file``, and ``row`` of a table or array; -1 for a
+    whole file) and the name its audio gets (``path``, '/'-separated, without extension)."""
+
+    song_id: str
+    path: str
+    file: str
+    row: int = -1
+
+    def manifest_row(self) -> dict:
+        return {"song_id": self.song_id, "path": self.path, "source": self.file, "row": self.row}
+
+
+def song_seed(seed: int, sid: str) -> int:
+    """The seed of one song's noise: 64 bits of SHA-256 of the job's seed and the song's id, so every song
+    draws the same noise whatever it is batched with, and a resumed job goes on with the same draws."""
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}:{sid}".encode()).digest()[:8], "big")
+
+
+# ------------------------------------------------------------------------------------------------
+# listing the inputs
+# ------------------------------------------------------------------------------------------------
+def is_token_input(arg) -> bool:
+    """Whether a command-line INPUT names tokens: a token file, array or table, or a folder of them (a token
+    library, or a folder holding token files and no audio)."""
+    p = Path(arg)
+    if p.is_dir():
+        if _library_shards(p):
+            return True
+        files, _ = list_folder(p, set(TOKEN_EXTENSIONS) | audio.audio_extensions())
+        return bool(files) and all(Path(f).suffix.lower() in TOKEN_EXTENSIONS for f, _ in files)
+    if p.is_file():
+        return p.suffix.lower() in TOKEN_EXTENSIONS or tokens.is_token_file(p)
+    return any(c in str(arg) for c in "*?[") and any(Path(f).suffix.lower() in TOKEN_EXTENSIONS
+                                                     for f in glob_files(str(arg)))
+
+
+def _library_shards(folder: Path) -> list[Path]:
+    """The shards of a token library written by ``--encode`` (its .mct copies, if any, are the same songs)."""
+    if not (folder / "fingerprint.json").is_file():
+        return []
+    return sorted(p for p in (folder / "shards").glob("*.parquet") if not p.name.startswith("."))
+
+
+def scan_tokens(inputs, out=None) -> tuple[list[TokenSong], list[tuple[str, str]], list[dict]]:
+    """INPUT arguments -> (songs by name, [(input, one-sentence problem)], error rows of songs that cannot be
+    planned: two songs whose audio would get the same name, the later one fails)."""
+    def shards(folder: Path):
+        return [(f, f.name) for f in _library_shards(folder)] or None
+
+    files, problems = expand_inputs(inputs, set(TOKEN_EXTENSIONS), out, "token files (.mct, .npy, .parquet)",
+                                    shards)
+    found = []
+    for f, rel in files:
+        found += _songs_of(Path(f), rel[: -len(f.suffix)] if f.suffix.lower() in TOKEN_EXTENSIONS else rel, problems)
+    return _plan_names(found, problems)
+
+
+def _plan_names(found: list[TokenSong], problems) -> tuple[list[TokenSong], list, list[dict]]:
+    songs, errors, seen, ids = [], [], {}, set()
+    for s in found:
+        if s.song_id in ids:
+            continue  # the same song listed twice (a file named by two inputs)
+        ids.add(s.song_id)
+        other = seen.get(s.path.lower())  # case-folded: the output may land on a case-insensitive disk
+        if other is not None:
+            errors.append(error_row(s.song_id, s.path, "plan", f"{_where(s)} would be written to {s.path}, as "
+                                                               f"{_where(other)} is; rename one of them."))
+            continue
+        seen[s.path.lower()] = s
+        songs.append(s)
+    return sorted(songs, key=lambda s: s.path), problems, errors
+
+
+def _where(s: TokenSong) -> str:
+    return s.file if s.row < 0 else f"row {s.row} of {s.file}"
+
+
+def _songs_of(file: Path, name: str, problems) -> list[TokenSong]:
+    """The songs one input file holds (a file that cannot be listed is one song that fails when read)."""
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return _table_songs(file, name)
+        if suffix == ".npy":
+            rows = _npy_rows(file)
+            if rows is not None:
+                return [TokenSong(song_id(f"{name}/{r:06d}"), f"{name}/{r:06d}", str(file), r) for r in range(rows)]
+    except MuCodecError as e:
+        problems.append((str(file), str(e)))
+        return []
+    return [TokenSong(song_id(name), name, str(file))]
+
+
+def _npy_rows(file: Path) -> int | None:
+    """N for an (N, T) array with N > 1 (N songs), None for one song (its shape is checked when read)."""
+    try:
+        shape = np.load(file, mmap_mode="r", allow_pickle=False).shape
+    except Exception:  # unreadable: the read reports it as this song's error
+        return None
+    return shape[0] if len(shape) == 2 and shape[0] > 1 else None
+
+
+def _table_songs(file: Path, prefix: str) -> list[TokenSong]:
+    """The rows of a parquet table as songs: named by its first name column, else ``<prefix>/<row>``."""
+    pq = _parquet()
+    try:
+        schema = pq.read_schema(file)
+        _codes_column(schema, file)
+        names = [c for c in NAME_COLUMNS if c in schema.names]
+        cols = [c for c in (names[:1] + (["song_id"] if "song_id" in schema.names else [])) if c]
+        table = pq.read_table(file, columns=sorted(set(cols))) if cols else None
+        rows = pq.ParquetFile(file).metadata.num_rows
+    except MuCodecError:
+        raise
+    except Exception as e:
+        raise TokenFileError(f"Cannot read the parquet table {file} ({e}); check or re-export it.") from None
+    songs = []
+    for r in range(rows):
+        if names:
+            value = str(table.column(names[0])[r].as_py())
+            name = value.rsplit(".", 1)[0] if names[0] == "path" and "." in Path(value).name else value
+        else:
+            name = f"{prefix}/{r:06d}"
+        sid = str(table.column("song_id")[r].as_py()) if "song_id" in schema.names else song_id(name)
+        songs.append(TokenSong(sid, _safe_name(name, file, r), str(file), r))
+    return songs
+
+
+def _safe_name(name: str, file, row: int) -> str:
+    """A relative '/'-separated name that stays inside the output folder, else TokenFileError."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or name.startswith("/") or any(p.startswith(".") for p in parts):
+        raise TokenFileError(f"Row {row} of {file} names its song {name!r}, which is not a relative path without "
+                             f"hidden parts; rename it in the table.")
+    return "/".join(parts)
+
+
+def _codes_column(schema, file) -> str:
+    import pyarrow as pa
+
+    def integer_list(t):
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+    if "codes" in schema.names and integer_list(schema.field("codes").type):
+        return "codes"
+    found = [f.name for f in schema if integer_list(f.type)]
+    if len(found) != 1:
+        what = "no column" if not found else f"{len(found)} columns ({', '.join(found)})"
+        raise TokenFileError(f"{file} has {what} of integer lists; name the column of codes 'codes'.")
+    return found[0]
+
+
+def _parquet():
+    from .parquet import require_pyarrow
+
+    require_pyarrow()
+    import pyarrow.parquet as pq
+
+    return pq
+
+
+# ------------------------------------------------------------------------------------------------
+# reading codes (worker processes)
+# ------------------------------------------------------------------------------------------------
+def read_tokens(song: TokenSong) -> dict:
+    """One song's codes as stored: {'codes': integer array, 'num_samples': int or None, 'header': the token
+    file's header or None}. Token files are checked here (checksum, header, payload); whether the codes suit
+    the model is checked by the batcher, in the process that holds the model, with the one validator."""
+    suffix = Path(song.file).suffix.lower()
+    if suffix == ".parquet":
+        codes, num_samples = _table_row(song.file, song.row)
+        return {"codes": codes, "num_samples": num_samples, "header": None}
+    if suffix == ".npy":
+        return {"codes": _npy_codes(song.file, song.row), "num_samples": None, "header": None}
+    t, header = tokens.load_codes(song.file)
+    return {"codes": t.numpy(), "num_samples": int(header["num_samples"]), "header": header}
+
+
+def _npy_codes(file: str, row: int) -> np.ndarray:
+    try:
+        arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise TokenFileError(f"Cannot read {file} as a numpy array ({e}); save the codes with numpy.save.") from None
+    return np.array(arr[row] if row >= 0 else arr)
+
+
+def _table_row(file: str, row: int) -> tuple[np.ndarray, int | None]:
+    codes, lengths = _table(file, os.stat(file).st_mtime_ns)
+    if row >= len(codes):
+        raise TokenFileError(f"{file} has {len(codes)} rows, not {row + 1}; it changed since the job was planned.")
+    value = codes[row]
+    if not value.is_valid:
+        raise TokenFileError(f"Row {row} of {file} has no codes (null).")
+    n = None if lengths is None else lengths[row].as_py()
+    return np.array(value.values.to_numpy(zero_copy_only=False)), None if n is None else int(n)
+
+
+@functools.lru_cache(maxsize=2)
+def _table(file: str, mtime_ns: int):
+    """(codes column, num_samples column or None) of a table, kept while its rows are read in order."""
+    pq = _parquet()
+    try:
+        schema = pq.read_schema(file)
+        col = _codes_column(schema, file)
+        lengths = "num_samples" if "num_samples" in schema.names else None
+        table = pq.read_table(file, columns=[col] + ([lengths] if lengths else []))
+    except MuCodecError:
+        raise
+    except Exception as e:
+        raise TokenFileError(f"Cannot read the parquet table {file} ({e}); check or re-export it.") from None
+    return table.column(col).combine_chunks(), table.column(lengths).combine_chunks() if lengths else None
+
+
+# ------------------------------------------------------------------------------------------------
+# writing audio (writer threads)
+# ------------------------------------------------------------------------------------------------
+class _OpenFile:
+    """One song's audio file being written: every call runs on the song's writer thread, in order."""
+
+    def __init__(self, dst: Path, sample_rate: int, fmt: str):
+        self.dst, self.sample_rate, self.fmt = dst, sample_rate, fmt
+        self.stack, self.write_piece, self.error = contextlib.ExitStack(), None, None
+
+    def start(self) -> None:
+        try:
+            try:
+                self.dst.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"Cannot create the folder {self.dst.parent}: {e.strerror or e}.") from None
+            self.write_piece = self.stack.enter_context(audio.audio_writer(self.dst, self.sample_rate, 2, self.fmt))
+        except MuCodecError as e:
+            self.error = e
+
+    def write(self, piece: np.ndarray) -> None:
+        if self.error is None:
+            try:
+                self.write_piece(torch.from_numpy(piece))
+            except MuCodecError as e:
+                self.error = e
+                self.abort()
+
+    def finish(self) -> None:
+        """Commit the file (rename), or raise why it could not be written."""
+        if self.error is not None:
+            raise self.error
+        self.stack.close()
+
+    def abort(self) -> None:
+        """Remove the temporary file: the song is not committed."""
+        with contextlib.suppress(BaseException):
+            self.stack.__exit__(OutputError, OutputError("aborted"), None)
+
+
+class AudioWriter:
+    """Streams each song's pieces into its own file on ``threads`` writer threads (a song always on the same
+    one, so its pieces stay in order), while the model computes the next window."""
+
+    def __init__(self, sample_rate: int, fmt: str, threads: int = WRITER_THREADS):
+        self.sample_rate, self.fmt = sample_rate, fmt
+        self.pools = [cf.ThreadPoolExecutor(1, thread_name_prefix="mucodec-writer") for _ in range(max(1, threads))]
+        self.open_files: dict = {}
+        self._next = 0
+
+    def open(self, key, dst: Path) -> None:
+        f = _OpenFile(dst, self.sample_rate, self.fmt)
+        pool = self.pools[self._next % len(self.pools)]
+        self._next += 1
+        self.open_files[key] = (f, pool)
+        pool.submit(f.start)
+
+    def write(self, key, piece: torch.Tensor) -> None:
+        f, pool = self.open_files[key]
+        pool.submit(f.write, piece.numpy())
+
+    def close(self, key) -> cf.Future:
+        """Commit ``key``'s file once its pieces are written; the future raises why it could not be."""
+        f, pool = self.open_files.pop(key)
+        return pool.submit(f.finish)
+
+    def abort(self, key) -> None:
+        f, pool = self.open_files.pop(key)
+        pool.submit(f.abort)
+
+    def shutdown(self) -> None:
+        for key in list(self.open_files):
+            self.abort(key)
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the batcher: continuous batching of songs through the decoder
+# ------------------------------------------------------------------------------------------------
+class SongDecoder:
+    """The decode job's batcher: songs' codes in, committed audio files out.
+
+    Songs wait until a slot of the batch is free; every step runs the next window of every song in the
+    batch (:meth:`MuCodec.decode_step`); a song that finishes frees its slot for the next song's first
+    window. A step that fails fails the songs in it, and only them.
+    """
+
+    def __init__(self, codec, opts, batch_size: int, seed: int, dst, writer: AudioWriter):
+        self.codec, self.opts, self.batch_size, self.seed, self.dst = codec, opts, batch_size, seed, dst
+        self.writer = writer
+        self.waiting, self.active, self.committing = collections.deque(), [], []
+        self.steps = self.filled = self.windows = 0
+
+    def add(self, song: TokenSong, got: dict) -> list[tuple]:
+        if got.get("header") is not None:  # a token file made for another model is refused by name
+            tokens.check_compatible(got["header"], self.codec.token_spec, song.file)
+        dec = self.codec.start_decode(got["codes"], num_samples=got.get("num_samples"),
+                                      seed=song_seed(self.seed, song.song_id), where=f"The codes of {_where(song)}")
+        self.waiting.append((song, dec))
+        failed = []
+        while len(self.active) + len(self.waiting) >= self.batch_size:
+            failed += self._step()
+        return failed + self._committed(wait=False)
+
+    def flush(self) -> list[tuple]:
+        failed = []
+        try:
+            while self.active or self.waiting:
+                failed += self._step()
+            return failed + self._committed(wait=True)
+        finally:
+            self.writer.shutdown()
+
+    def counters(self) -> dict[str, int]:
+        return {"windows": self.windows, "steps": self.steps, "slots_filled": self.filled,
+                "slots": self.steps * self.batch_size}
+
+    def _step(self) -> list[tuple]:
+        while self.waiting and len(self.active) < self.batch_size:
+            song, dec = self.waiting.popleft()
+            self.writer.open(song, self.dst(song))
+            self.active.append((song, dec))
+        try:
+            pieces = self.codec.decode_step([dec for _, dec in self.active], self.opts)
+        except Exception as e:  # out of memory, damaged weights, a bug: this batch's songs fail, the job goes on
+            why = _failure(e, self.batch_size)
+            failed = [(song, None, why) for song, _ in self.active]
+            for song, _ in self.active:
+                self.writer.abort(song)
+            self.active = []
+            return failed
+        self.steps += 1
+        self.filled += len(self.active)
+        self.windows += len(self.active)
+        for (song, dec), ps in zip(self.active, pieces):
+            for p in ps:
+                self.writer.write(song, p)
+            if dec.done:
+                self.committing.append((song, dec, self.writer.close(song)))
+        self.active = [(song, dec) for song, dec in self.active if not dec.done]
+        return []
+
+    def _committed(self, wait: bool) -> list[tuple]:
+        out, keep = [], []
+        for song, dec, fut in self.committing:
+            if not (wait or fut.done()):
+                keep.append((song, dec, fut))
+                continue
+            try:
+                fut.result()
+            except MuCodecError as e:
+                out.append((song, None, str(e)))
+            else:
+                out.append((song, {"duration": dec.num_samples / self.codec.sample_rate, "windows": dec.windows},
+                            None))
+        self.committing = keep
+        return out
+
+
+def _failure(e: Exception, batch_size: int) -> str:
+    if isinstance(e, MuCodecError):
+        return str(e)
+    if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)) or "out of memory" in str(e):
+        return (f"Out of memory decoding a batch of {batch_size} songs; pass a smaller --decode-batch, "
+                f"or --offload.")
+    return f"internal error {type(e).__name__}: {e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the output folder and the job
+# ------------------------------------------------------------------------------------------------
+class AudioLibrary(Store):
+    """The output folder of a decode job: one audio file per song, committed by an atomic rename."""
+
+    what = "audio"
+
+    def __init__(self, out, audio_format: str = "flac", shard: tuple[int, int] | None = None):
+        if audio_format not in audio.AUDIO_FORMATS:
+            raise ArgumentError(f"audio format {audio_format!r} is not one of {', '.join(audio.AUDIO_FORMATS)}.")
+        super().__init__(out, shard)
+        self.audio_format = audio_format
+
+    def audio_path(self, song: TokenSong) -> Path:
+        return self.out / f"{song.path}.{self.audio_format}"
+
+    def committed(self, songs) -> set[str]:
+        return {s.song_id for s in songs if self.audio_path(s).is_file()}
+
+    def song_files(self, song) -> list[Path]:
+        return [self.audio_path(song)]
+
+
+def fingerprint(ckpt_files: dict, *, steps: int, guidance: float, seed: int, dtype, device, fast_vocoder: bool,
+                audio_format: str) -> dict:
+    """What decides the audio: the decoder's checkpoint files (by content), this code, and the settings."""
+    return {
+        "task": "decode",
+        "code_version": DECODE_VERSION,
+        "checkpoints": {r: file_sha256(p) for r, p in sorted(ckpt_files.items()) if r in ("mucodec", "audioldm")},
+        "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
+        "dtype": str(dtype).replace("torch.", ""), "device": torch.device(device).type,
+        "vocoder": "shared-overlaps" if fast_vocoder else "official", "audio_format": audio_format,
+    }
+
+
+@dataclass
+class DecodeJob:
+    """The decode job as the engines see it (:class:`engine.Job`)."""
+
+    ckpt: str
+    revision: str | None
+    device: str
+    dtype: torch.dtype
+    steps: int
+    guidance: float
+    seed: int
+    fast_vocoder: bool
+    batch_size: int
+    out: str
+    audio_format: str
+    offload: bool = False
+    commit_seconds: float = COMMIT_SECONDS
+    codec: object = None  # the decoder; None: loaded by the first batcher() (a Ray actor loads its own)
+
+    task = "decode"
+    read = staticmethod(read_tokens)
+
+    def batcher(self) -> SongDecoder:
+        if self.codec is None:
+            from ..codec import MuCodec
+
+            self.codec = MuCodec.from_pretrained(self.ckpt, device=self.device, dtype=self.dtype,
+                                                 revision=self.revision, decoder_only=True, offload=self.offload)
+        opts = self.codec.decode_options(num_steps=self.steps, guidance_scale=self.guidance,
+                                         fast_vocoder=self.fast_vocoder)
+        lib = AudioLibrary(self.out, self.audio_format)
+        return SongDecoder(self.codec, opts, self.batch_size, self.seed, lib.audio_path,
+                           AudioWriter(self.codec.sample_rate, self.audio_format))
+
+    def sink(self, store: Store) -> Sink:
+        # each song commits itself (its audio file); the sink commits error rows, one file per batch of them
+        return Sink(store, songs_per_commit=max(64, self.batch_size), commit_seconds=self.commit_seconds)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "codec": None}  # a Ray actor loads its own model; weights never travel
+
+
+def report_fields(stats: Stats, wall: float, batch_size: int) -> dict:
+    c = stats.counters
+    slots = c.get("slots", 0)
+    peak = {"peak_rss_gib": round(_peak_rss() / 2 ** 30, 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+    return {"decode_batch": batch_size, "windows": c.get("windows", 0),
+            "windows_per_second": round(c.get("windows", 0) / wall, 4) if wall > 0 else None,
+            "batch_fill": round(c.get("slots_filled", 0) / slots, 4) if slots else None, **peak}
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    except (ImportError, OSError):
+        return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# one call for a whole job (the CLI's decoding of token inputs)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    report: dict
+    problems: list  # [(input, message)]
+
+
+def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype=torch.float32, steps=None,
+                   guidance=None, seed=None, fast_vocoder=True, audio_format="flac", decode_batch=DEFAULT_BATCH,
+                   shard=None, engine="local", address=None, workers=None, retry_errors=False, overwrite=False,
+                   offload=False, codec=None, progress=False, say=lambda msg: None) -> Result:
+    """Decode the songs under ``inputs`` into one audio file each under ``out`` (see the module docstring).
+
+    A job with no songs writes nothing; a finished job run again loads no model; output made with other
+    weights or settings is refused (OutputError) unless ``overwrite``; per-song failures become error rows.
+    ``codec``: a MuCodec already loaded from ``ckpt`` (local engine), instead of loading one.
+    """
+    from .. import api
+    from ..checkpoint import DECODER_STAGES, resolve_files, roles_of
+    from ..codec import CodecConfig, MAX_STEPS, _count, _guidance
+
+    start = time.perf_counter()
+    cfg = CodecConfig()
+    steps = _count("steps", steps, cfg.code2sound_steps, MAX_STEPS)
+    guidance = _guidance(guidance, cfg.guidance_scale)
+    batch = _count("decode_batch", decode_batch, DEFAULT_BATCH, 256)
+    workers = 1 if workers is None else int(workers)
+    if engine not in ("local", "ray"):
+        raise ArgumentError(f"engine {engine!r} is not one of local, ray.")
+    lib = AudioLibrary(out, audio_format, shard)
+    songs, problems, planned_errors = scan_tokens(inputs, out)
+    job_songs = [s for s in songs if in_shard(s.song_id, shard)]
+    planned_errors = [e for e in planned_errors if in_shard(e["song_id"], shard)]
+    if not job_songs and not planned_errors:
+        rep = report(lib, Plan([], [], 0, 0), Stats(), task="decode", engine=engine, device=torch.device(device).type,
+                     workers=workers, devices=0, wall=time.perf_counter() - start, fp=None,
+                     fields=report_fields(Stats(), 0.0, batch), write=False)
+        return Result(rep, problems)
+    ckpt = ckpt if ckpt is not None else api.default_checkpoint()
+    files = resolve_files(ckpt, roles_of(DECODER_STAGES), revision)
+    if engine == "ray":
+        from . import ray_engine
+        device = ray_engine.connect(address, progress)
+    if seed is None:
+        old = None if overwrite else lib.read_fingerprint()
+        seed = old["seed"] if old and old.get("task") == "decode" else secrets.randbits(63)
+    fp = fingerprint(files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
+                     fast_vocoder=fast_vocoder, audio_format=audio_format)
+    lib.prepare(job_songs, fp, overwrite)
+    plan = plan_run(lib, job_songs, retry_errors)
+    say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "
+        f"{len(plan.todo)} to decode (seed {seed})" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
+    job = DecodeJob(str(ckpt), revision, device, dtype, steps, guidance, seed, fast_vocoder, batch, str(out),
+                    audio_format, offload, codec=codec)
+    if engine == "ray":
+        stats, devices = ray_engine.run(job, lib, plan.todo, workers=workers, progress=progress,
+                                        extra_errors=planned_errors)
+    else:
+        devices = 1
+        stats = run_local(job, lib, plan.todo, workers=workers, progress=progress, extra_errors=planned_errors)
+    wall = time.perf_counter() - start
+    rep = report(lib, plan, stats, task="decode", engine=engine, device=torch.device(device).type, workers=workers,
+                 devices=devices, wall=wall, fp=fp, fields=report_fields(stats, wall, batch))
+    return Result(rep, problems)
