@@ -42,7 +42,7 @@ import torch
 
 from .. import audio, tokens
 from ..errors import ArgumentError, MuCodecError, OutputError, TokenFileError
-from .engine import COMMIT_SECONDS, Plan, Sink, Stats, plan_run, report, run_local
+from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import expand_inputs, glob_files, in_shard, list_folder, song_id
 from .store import Store, error_row, file_sha256
 from .workers import default_workers
@@ -53,6 +53,7 @@ TOKEN_EXTENSIONS = (tokens.EXTENSION, ".npy", ".parquet")
 NAME_COLUMNS = ("path", "id", "song_id", "name")  # the first one a table has names its songs' outputs
 DEFAULT_BATCH = 4
 WRITER_THREADS = 2
+HEARTBEAT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -358,9 +359,9 @@ class SongDecoder:
     window. A step that fails fails the songs in it, and only them.
     """
 
-    def __init__(self, codec, opts, batch_size: int, seed: int, dst, writer: AudioWriter):
+    def __init__(self, codec, opts, batch_size: int, seed: int, dst, writer: AudioWriter, log=None):
         self.codec, self.opts, self.batch_size, self.seed, self.dst = codec, opts, batch_size, seed, dst
-        self.writer = writer
+        self.writer, self.log, self._logged = writer, log, time.monotonic()
         self.waiting, self.active, self.committing = collections.deque(), [], []
         self.steps = self.filled = self.windows = 0
 
@@ -405,6 +406,9 @@ class SongDecoder:
         self.steps += 1
         self.filled += len(self.active)
         self.windows += len(self.active)
+        if self.log is not None and time.monotonic() - self._logged >= HEARTBEAT_SECONDS:
+            self._logged = time.monotonic()  # a window can take minutes on a CPU: say that work goes on
+            self.log(f"decode: {self.windows} windows done, {len(self.active)} songs in the batch")
         for (song, dec), ps in zip(self.active, pieces):
             for p in ps:
                 self.writer.write(song, p)
@@ -477,7 +481,7 @@ def fingerprint(ckpt_files: dict, *, steps: int, guidance: float, seed: int, dty
 
 
 @dataclass
-class DecodeJob:
+class DecodeJob(ModelJob):
     """The decode job as the engines see it (:class:`engine.Job`)."""
 
     ckpt: str
@@ -492,6 +496,7 @@ class DecodeJob:
     out: str
     audio_format: str
     offload: bool = False
+    log: object = None  # a line every minute or so while songs decode (this process only)
     commit_seconds: float = COMMIT_SECONDS
     codec: object = None  # the decoder; None: loaded by the first batcher() (a Ray actor loads its own)
 
@@ -499,23 +504,19 @@ class DecodeJob:
     read = staticmethod(read_tokens)
 
     def batcher(self) -> SongDecoder:
-        if self.codec is None:
-            from ..codec import MuCodec
-
-            self.codec = MuCodec.from_pretrained(self.ckpt, device=self.device, dtype=self.dtype,
-                                                 revision=self.revision, decoder_only=True, offload=self.offload)
+        self.model(decoder_only=True, offload=self.offload)
         opts = self.codec.decode_options(num_steps=self.steps, guidance_scale=self.guidance,
                                          fast_vocoder=self.fast_vocoder)
         lib = AudioLibrary(self.out, self.audio_format)
         return SongDecoder(self.codec, opts, self.batch_size, self.seed, lib.audio_path,
-                           AudioWriter(self.codec.sample_rate, self.audio_format))
+                           AudioWriter(self.codec.sample_rate, self.audio_format), self.log)
 
     def sink(self, store: Store) -> Sink:
         # each song commits itself (its audio file); the sink commits error rows, one file per batch of them
         return Sink(store, songs_per_commit=max(64, self.batch_size), commit_seconds=self.commit_seconds)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "codec": None}  # a Ray actor loads its own model; weights never travel
+        return {**super().__getstate__(), "log": None}  # a Ray actor logs through Ray
 
 
 def report_fields(stats: Stats, wall: float, batch_size: int) -> dict:
@@ -593,13 +594,14 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "
         f"{len(plan.todo)} to decode (seed {seed})" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
     job = DecodeJob(str(ckpt), revision, device, dtype, steps, guidance, seed, fast_vocoder, batch, str(out),
-                    audio_format, offload, codec=codec)
+                    audio_format, offload, log=None if progress else say, codec=codec)
     if engine == "ray":
         stats, devices = ray_engine.run(job, lib, plan.todo, workers=workers, progress=progress,
                                         extra_errors=planned_errors)
     else:
         devices = 1
-        stats = run_local(job, lib, plan.todo, workers=workers, progress=progress, extra_errors=planned_errors)
+        stats = run_local(job, lib, plan.todo, workers=workers, progress=progress, extra_errors=planned_errors,
+                          log=say)
     wall = time.perf_counter() - start
     rep = report(lib, plan, stats, task="decode", engine=engine, device=torch.device(device).type, workers=workers,
                  devices=devices, wall=wall, fp=fp, fields=report_fields(stats, wall, batch))

@@ -23,7 +23,7 @@ import torch
 from .. import audio, tokens
 from ..errors import ArgumentError, MuCodecError, OutputError
 from . import parquet
-from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local
+from .engine import COMMIT_SECONDS, SHARD_SONGS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import Song, in_shard, scan
 from .store import Store, dumps, error_row, file_sha256
 from .workers import default_workers
@@ -291,7 +291,7 @@ class EncodeSink(Sink):
 
 
 @dataclass
-class EncodeJob:
+class EncodeJob(ModelJob):
     """The encode job as the engines see it (:class:`engine.Job`)."""
 
     ckpt: str
@@ -308,18 +308,10 @@ class EncodeJob:
     read = staticmethod(read_item)
 
     def batcher(self) -> SongEncoder:
-        if self.codec is None:
-            from ..codec import MuCodec
-
-            self.codec = MuCodec.from_pretrained(self.ckpt, device=self.device, dtype=self.dtype, encoder_only=True,
-                                                 revision=self.revision)
-        return SongEncoder(self.codec, self.batch_size)
+        return SongEncoder(self.model(encoder_only=True), self.batch_size)
 
     def sink(self, store: Library) -> EncodeSink:
         return EncodeSink(store, self.fp, self.shard_songs, self.commit_seconds)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "codec": None}  # a Ray actor loads its own model; weights never travel
 
 
 def report_fields(lib: Library, stats: Stats, wall: float) -> dict:
@@ -401,7 +393,7 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
         if todo:
             say(f"loading the MuCodec encoder from {ckpt} on {device}")
             job.batcher()
-        stats = run_local(job, lib, todo, workers=workers, progress=progress, extra_errors=collisions)
+        stats = run_local(job, lib, todo, workers=workers, progress=progress, extra_errors=collisions, log=say)
     wall = time.perf_counter() - start
     rep = report(lib, plan, stats, task="encode", engine=engine, device=torch.device(device).type, workers=workers,
                  devices=devices, wall=wall, fp=fp, fields=report_fields(lib, stats, wall))

@@ -50,6 +50,22 @@ class Job(Protocol):
         """Where this job's finished songs go."""
 
 
+class ModelJob:
+    """What both jobs share: the model, loaded on the first batcher in the process that runs it (this one, or a
+    Ray actor) and kept; it never travels with the job. A subclass has ckpt, revision, device, dtype, codec."""
+
+    def model(self, **kwargs):
+        if self.codec is None:
+            from ..codec import MuCodec
+
+            self.codec = MuCodec.from_pretrained(self.ckpt, device=self.device, dtype=self.dtype,
+                                                 revision=self.revision, **kwargs)
+        return self.codec
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "codec": None}
+
+
 class Sink:
     """Where finished songs and error rows go: buffered, committed every ``songs_per_commit`` songs or
     ``commit_seconds`` seconds. A job overrides :meth:`write` (and :meth:`close`) to commit its own output;
@@ -133,9 +149,11 @@ class Stats:
 
 
 def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool = False,
-              extra_errors=()) -> Stats:
+              extra_errors=(), log=None) -> Stats:
     """Run ``todo`` through ``job`` into ``store``: worker processes read, the batcher computes, the sink
-    commits. ``extra_errors`` (rows of songs failed while planning) are committed with the rest. Ctrl-C
+    commits. ``extra_errors`` (rows of songs failed while planning) are committed with the rest. ``log``: called
+    with one line per finished or failed song when there is no progress bar (a job on a cluster, or with its
+    output in a file, is never silent for long). Ctrl-C
     commits the songs already finished before it stops; the next run redoes the ones in flight."""
     from tqdm.auto import tqdm
 
@@ -150,6 +168,11 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
         sink.fail(row)
         stats.failed_rows([row])
         bar.update(1)
+        note(f"failed {item.path} ({stage}): {message}")
+
+    def note(line: str):
+        if log is not None and not progress:
+            log(f"{job.task} {stats.done + stats.failed}/{len(todo)}: {line}")
 
     def finish(done):
         for item, result, why in done:
@@ -160,6 +183,7 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
             stats.done += 1
             stats.seconds_audio += float(result["duration"])
             bar.update(1)
+            note(f"{item.path} ({float(result['duration']):.1f} s of audio)")
             bar.set_postfix_str(f"{stats.seconds_audio / 3600:.2f} h", refresh=False)
 
     batcher = job.batcher() if todo else None
@@ -216,7 +240,11 @@ def summary_line(rep: dict) -> str:
             f"{rep['hours_' + rep['task'] + 'd']:.2f} h of audio in {rep['wall_seconds']:.0f} s")
     if rep["hours_per_hour"] and s["done"]:
         line += f" ({rep['hours_per_hour']:.1f} h/h"
-        line += f", padding {100 * rep['padding_fraction']:.0f}%)" if "padding_fraction" in rep else ")"
+        if "padding_fraction" in rep:
+            line += f", padding {100 * rep['padding_fraction']:.0f}%"
+        if rep.get("batch_fill") is not None:
+            line += f", batch fill {100 * rep['batch_fill']:.0f}%"
+        line += ")"
     if s["skipped_failed_earlier"]:
         line += f"; {s['skipped_failed_earlier']} failed earlier (--retry-errors retries them)"
     return line
