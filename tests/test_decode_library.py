@@ -62,9 +62,16 @@ def random_codes(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 16384, n).astype(np.int64)
 
 
+_ALONE = {}
+
+
 def alone(codec, codes, sid, seed, steps=1, num_samples=None) -> np.ndarray:
-    """What code2sound gives the song alone with its derived seed, as the job writes it (cut, float32)."""
-    wav = codec.code2sound(torch.from_numpy(codes), num_steps=steps, seed=song_seed(seed, sid)).numpy()
+    """What code2sound gives the song alone with its derived seed, as the job writes it (cut, float32);
+    remembered across tests (the same song alone is the reference of several batchings)."""
+    key = (codes.tobytes(), sid, seed, steps, MuCodec.latents_to_wave is cheap_wave)
+    if key not in _ALONE:
+        _ALONE[key] = codec.code2sound(torch.from_numpy(codes), num_steps=steps, seed=song_seed(seed, sid)).numpy()
+    wav = _ALONE[key]
     return wav[:, :num_samples] if num_samples is not None else wav
 
 
@@ -208,6 +215,15 @@ def test_bad_rows_and_files_become_error_rows(tmp_path, codec, cheap, tiny_ckpt_
         assert "t.parquet" in errors[name] if name in ("high", "empty") else f"{name}." in errors[name]
     assert "Traceback" not in capsys.readouterr().err
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_two_songs_with_one_name_fail_the_later(tmp_path, cheap, tiny_ckpt_dir):
+    a = write_table(tmp_path / "a.parquet", {"id": ["x"], "codes": [[1, 2, 3]]})
+    b = write_table(tmp_path / "b.parquet", {"id": ["X"], "codes": [[4, 5]]})  # one file on a case-blind disk
+    rep = decode([a, b, a], tmp_path / "out", tiny_ckpt_dir).report  # a twice: the same song, once
+    assert (rep["songs"]["done"], rep["songs"]["failed"]) == (1, 1)
+    (err,) = library.read_errors(tmp_path / "out")
+    assert err["path"] == "X" and "b.parquet" in err["message"] and "rename one of them" in err["message"]
 
 
 # ---- exactly once, shards, fingerprint, seed --------------------------------------------------

@@ -116,17 +116,17 @@ def scan_tokens(inputs, out=None) -> tuple[list[TokenSong], list[tuple[str, str]
 
 
 def _plan_names(found: list[TokenSong], problems) -> tuple[list[TokenSong], list, list[dict]]:
-    songs, errors, seen, ids = [], [], {}, set()
+    songs, errors, by_name, by_id = [], [], {}, {}
     for s in found:
-        if s.song_id in ids:
+        first = by_id.get(s.song_id)
+        if first is not None and (first.file, first.row) == (s.file, s.row):
             continue  # the same song listed twice (a file named by two inputs)
-        ids.add(s.song_id)
-        other = seen.get(s.path.lower())  # case-folded: the output may land on a case-insensitive disk
+        other = by_name.get(s.path.lower()) or first  # case-folded: the disk may not tell case apart
         if other is not None:
             errors.append(error_row(s.song_id, s.path, "plan", f"{_where(s)} would be written to {s.path}, as "
                                                                f"{_where(other)} is; rename one of them."))
             continue
-        seen[s.path.lower()] = s
+        by_name[s.path.lower()] = by_id[s.song_id] = s
         songs.append(s)
     return sorted(songs, key=lambda s: s.path), problems, errors
 
