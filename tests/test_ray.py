@@ -96,13 +96,13 @@ def test_ray_decode_equals_local(tmp_path, tiny_ckpt_dir):
     songs = tmp_path / "tok"
     songs.mkdir()
     rng = np.random.default_rng(0)
-    for k, n in enumerate((40, 1100, 70)):
+    for k, n in enumerate((40, 70)):
         np.save(songs / f"s{k}.npy", rng.integers(0, 16384, n))
     np.save(songs / "bad.npy", np.full(5, 99999))
     base = [songs, "--steps", 1, "--seed", 3, "--decode-batch", 2, "--audio-format", "wav", *common(tiny_ckpt_dir)]
     assert cli.main([str(a) for a in [*base, "-o", tmp_path / "ray", "--engine", "ray"]]) == 1  # bad.npy
     assert cli.main([str(a) for a in [*base, "-o", tmp_path / "local", "--workers", 0]]) == 1
-    for k in range(3):
+    for k in range(2):
         a, b = (sf.read(tmp_path / where / f"s{k}.wav", dtype="float32")[0] for where in ("ray", "local"))
         assert a.shape[0] > 0 and np.array_equal(a, b), k
     (err,) = library.read_errors(tmp_path / "ray")
