@@ -45,7 +45,6 @@ from ..errors import ArgumentError, MuCodecError, OutputError, TokenFileError
 from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import expand_inputs, glob_files, in_shard, list_folder, song_id
 from .store import Store, error_row, file_sha256
-from .workers import default_workers
 
 # Bump when a change to the code makes different audio from the same codes, weights and settings.
 DECODE_VERSION = 1
