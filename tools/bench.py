@@ -227,9 +227,11 @@ def main(argv=None) -> dict:
                                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
                   dtype=args.dtype, steps=args.steps, stages={})
 
-    def save():
+    def save():  # whole or not at all: another process may read the file while this one runs
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            tmp = Path(args.json + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, args.json)
 
     def say(name, r):
         report["stages"][name] = r
