@@ -6,7 +6,7 @@
     python3 tools/gpu_check.py --out check/ --device cpu --tiny       # the same steps on a CPU, tiny models
 
 Expected (not measured) to take under 8 minutes on one H100/H200-class GPU, writing the weights included.
-Needs no network: the synthetic full-size weights (5.6 GiB) are written once into --synthetic-dir and
+Needs no network: the synthetic full-size weights (5.5 GiB) are written once into --synthetic-dir and
 reused, and missing packages come from --wheels (made where there is network with
 'pip download soundfile pytest -d wheels/'). Every step writes its JSON into --out as soon as it
 finishes, and summary.json is rewritten after each step, so a run killed at a time limit still returns
@@ -189,7 +189,7 @@ def write_weights(run: Run, folder: Path, tiny: bool) -> Path | None:
         from helpers import write_tiny_checkpoints as write
     else:
         from helpers import write_official_checkpoints as write
-        run.say(f"weights: full-size synthetic checkpoints in {folder} (written once, 5.6 GiB)")
+        run.say(f"weights: full-size synthetic checkpoints in {folder} (written once, 5.5 GiB)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write(folder)
