@@ -24,7 +24,7 @@ Stages (``--stages``, comma-separated; default all but ``song`` and ``decode``):
 
 Each stage reports seconds (best of --repeat), GFLOP/s where the work is matrix products (FLOPs counted
 once with torch's FLOP counter), the process's peak RSS while it ran (sampled every 10 ms), and the peak
-CUDA memory on a GPU. ``--json FILE`` writes every number with the machine description.
+CUDA memory on a GPU. ``--json FILE`` writes every number with the machine description, after each stage.
 Benchmarks are not tests: they check nothing, they measure.
 """
 from __future__ import annotations
@@ -209,6 +209,7 @@ def main(argv=None) -> dict:
     p.add_argument("--decode-songs", type=int, default=8, help="songs of the 'decode' stage")
     p.add_argument("--decode-seconds", type=float, default=180.0, help="length of each song of the 'decode' stage")
     p.add_argument("--decode-batches", default="1,4", help="--decode-batch values the 'decode' stage compares")
+    p.add_argument("--gemm-size", type=int, default=4096, help="matrix side of 'gemm'")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -226,14 +227,21 @@ def main(argv=None) -> dict:
                                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
                   dtype=args.dtype, steps=args.steps, stages={})
 
+    def save():  # whole or not at all: another process may read the file while this one runs
+        if args.json:
+            tmp = Path(args.json + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, args.json)
+
     def say(name, r):
         report["stages"][name] = r
         print(f"{name:>12}: " + ", ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+        save()  # after every stage, so a run killed at a time limit keeps what it measured
 
     if "gemm" in stages:
-        say("gemm", gemm_peak(device, dtype))
+        say("gemm", gemm_peak(device, dtype, args.gemm_size))
         if dtype != torch.float32:
-            say("gemm_float32", gemm_peak(device, torch.float32))
+            say("gemm_float32", gemm_peak(device, torch.float32, args.gemm_size))
     ckpt = str(synthetic_folder(Path(args.synthetic_dir))) if args.synthetic else args.ckpt
     r, codec = timed(lambda: MuCodec.from_pretrained(ckpt, device=str(device), dtype=dtype), device)
     if "load" in stages:
@@ -290,9 +298,8 @@ def main(argv=None) -> dict:
 
             say(name, timed(voc, device, args.repeat)[0])
 
-    codes = codec.sound2code(signal(40.96)) if {"window", "song"} & set(stages) else None
     if "window" in stages:
-        one = codes[..., : c.window_codes]
+        one = codec.sound2code(signal(40.96))[..., : c.window_codes]
         say("window", timed(lambda: codec.code2sound(one, num_steps=args.steps, seed=0), device)[0])
     if "song" in stages:
         song = signal(args.song_seconds, seed=2)
@@ -304,8 +311,7 @@ def main(argv=None) -> dict:
         for name, r in decode_job(codec, ckpt, device, dtype, args):
             say(name, r)
 
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    save()  # also when no stage ran
     return report
 
 
