@@ -141,6 +141,30 @@ def test_real_decode_of_two_windows(tiny_codec):
     torch.testing.assert_close(fast, a, rtol=0, atol=1e-5)  # same chunks up to float rounding
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_fast_vocoder_flag_reaches_the_vocoder(tiny_codec, monkeypatch, fast):
+    """code2sound(fast_vocoder=...) picks the vocoder's schedule: official chunks, or shared overlaps.
+    (The VAE and the vocoder are stand-ins here: only the flag the vocoder receives is checked.)"""
+    seen = []
+
+    def decode(z):
+        return torch.zeros(z.shape[0], 1, z.shape[2] * 8, 256)
+
+    def vocode(mel, *a, **k):
+        seen.append(k.get("share_overlaps"))
+        return torch.zeros(mel.shape[0], mel.shape[2] * 480)
+
+    monkeypatch.setattr(tiny_codec.vae, "decode", decode)
+    monkeypatch.setattr(tiny_codec.vocoder, "vocode", vocode)
+    codes = torch.randint(0, 16384, (1, 1, 30), generator=torch.Generator().manual_seed(4))
+    wav = tiny_codec.code2sound(codes, num_steps=1, seed=0, fast_vocoder=fast)
+    assert wav.shape == (2, 30 * SPC) and seen == [fast]
+    if fast:  # the default
+        seen.clear()
+        tiny_codec.code2sound(codes, num_steps=1, seed=0)
+        assert seen == [True]
+
+
 def test_prompt_starts_the_first_window(tiny_codec, recorder):
     """A 3 s prompt: its VAE latents (37 frames) are window 0's prefix, its 74 codes are prepended,
     and the output still covers exactly the given codes (official code2sound(prompt=...))."""

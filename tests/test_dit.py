@@ -10,6 +10,8 @@ float64 instead would already be off by ~5e-5 at t*1000 ~ 800).
 of 100 000 elements plus whole-array statistics (``helpers.Sampled``): ``max_err`` checks the subset and the
 statistics of our full array at the same tolerance, which every full array within it satisfies.
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -70,30 +72,64 @@ def test_pos_embed_is_cached_per_grid():
     assert dit.pos_embed.positions(8, 16).shape == (128, 16)
 
 
+@contextlib.contextmanager
+def recorded(module, name, calls):
+    """Record (args, output) of every call of ``module.name`` made from inside the module's own forward."""
+    real = getattr(module, name)
+
+    def spy(*args):
+        out = real(*args)
+        calls.append((args, out))
+        return out
+
+    setattr(module, name, spy)
+    try:
+        yield calls
+    finally:
+        delattr(module, name)  # the class's method again
+
+
 @pytest.mark.slow
 def test_forward_intermediates_match_reference(dit_full, gold):
+    """One forward of the full-size DiT; its own intermediates are recorded on the way and compared.
+
+    ``forward`` must be exactly the composition of the steps: every value a step receives is the one the
+    previous step returned (checked bit for bit below), so the intermediates compared with the reference
+    are the ones that make up this forward's output."""
     x = torch.from_numpy(gold["x"])
     t = torch.from_numpy(gold["timestep"])
-    errs = {}
-    with torch.no_grad():
-        adaln, embedded = dit_full.embed_timestep(t)
-        errs["adaln_timestep"] = max_err(adaln, gold["adaln_timestep"])
-        errs["adaln_embedded_timestep"] = max_err(embedded, gold["adaln_embedded_timestep"])
-        h = dit_full.embed_patches(x)
-        # patch_embed_out, block0_out, block_last_out: subset + statistics (module docstring)
-        errs["patch_embed_out"] = max_err(h, gold["patch_embed_out"])
-        for i, block in enumerate(dit_full.transformer_blocks):
-            h = block(h, adaln)
-            if i == 0:
-                errs["block0_out"] = max_err(h, gold["block0_out"])
-        errs["block_last_out"] = max_err(h, gold["block_last_out"])
-        out_steps = dit_full.project_out(h, embedded, 32, 16)
-        out = dit_full(x, t)
-    errs["output"] = max_err(out, gold["output"])
+    steps = {name: [] for name in ("embed_patches", "embed_timestep", "project_out")}
+    blocks = []
+    hooks = [b.register_forward_hook(lambda m, args, out: blocks.append((args, out)))
+             for b in dit_full.transformer_blocks]
+    try:
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for name, calls in steps.items():
+                stack.enter_context(recorded(dit_full, name, calls))
+            out = dit_full(x, t)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [len(c) for c in steps.values()] == [1, 1, 1] and len(blocks) == len(dit_full.transformer_blocks)
+    (x_in,), h = steps["embed_patches"][0]
+    (t_in, _), (adaln, embedded) = steps["embed_timestep"][0]
+    (h_last, embedded_in, height, width), out_steps = steps["project_out"][0]
+    # the composition: patches -> block 0 -> ... -> block 23 -> project_out, every block modulated by adaln
+    assert torch.equal(x_in, x) and torch.equal(t_in, t.float())
+    for i, ((h_in, adaln_in), h_out) in enumerate(blocks):
+        assert torch.equal(h_in, h if i == 0 else blocks[i - 1][1]) and torch.equal(adaln_in, adaln), i
+    assert torch.equal(h_last, blocks[-1][1]) and torch.equal(embedded_in, embedded) and (height, width) == (32, 16)
+    assert torch.equal(out, out_steps)  # forward is exactly the composition of the steps
+    errs = {"adaln_timestep": max_err(adaln, gold["adaln_timestep"]),
+            "adaln_embedded_timestep": max_err(embedded, gold["adaln_embedded_timestep"]),
+            # patch_embed_out, block0_out, block_last_out: subset + statistics (module docstring)
+            "patch_embed_out": max_err(h, gold["patch_embed_out"]),
+            "block0_out": max_err(blocks[0][1], gold["block0_out"]),
+            "block_last_out": max_err(blocks[-1][1], gold["block_last_out"]),
+            "output": max_err(out, gold["output"])}
     print("dit_forward max abs errors:", errs)
     assert out.shape == (2, 32, 64, 32)
     assert all(e <= DIT_TOL for e in errs.values()), errs
-    assert torch.equal(out, out_steps)  # forward is exactly the composition of the steps
 
 
 def tiny_config(**kw):

@@ -4,6 +4,13 @@ The reference ran ``MuCodec.sound2code`` on a 5 s clip and ``code2sound(num_step
 (one full 40.96 s window). Noise arrays are the exact normals the reference drew; ``noise_1`` is the
 window's initial noise (``noise_0``, the fully masked first latent, cannot change the result; tests/data
 does not keep it).
+
+The decode runs the default vocoder (``fast_vocoder=True``: each mel frame once plus the chunk edges, 5392
+frames through the full-size HiFi-GAN instead of the official 13 overlapping chunks of 1024 = 13312 frames)
+and is held to the same golden ``wav`` at the same tolerance. The official chunk schedule itself is pinned at
+full size by ``test_vocoder.py::test_wav_long_golden[official_chunks]`` (2e-5, tighter than 1e-4 here), the
+shared-overlap schedule by ``[shared_overlaps]`` (2e-5), and that ``fast_vocoder`` reaches the vocoder by
+``test_decode_windows.py::test_fast_vocoder_flag_reaches_the_vocoder``.
 """
 import numpy as np
 import pytest
@@ -69,7 +76,7 @@ def test_code2sound_matches_official(full_codec, ref, monkeypatch):
     monkeypatch.setattr(full_codec.vae, "decode", decode)
     codes = torch.from_numpy(ref["codes"])
     wav = full_codec.code2sound(codes, num_steps=int(ref["num_steps"]), guidance_scale=1.5,
-                                noise=[torch.from_numpy(ref["noise_1"])], fast_vocoder=False)  # official chunks
+                                noise=[torch.from_numpy(ref["noise_1"])])  # default vocoder (module docstring)
     # window0_latents, window0_mel and wav are stored as a fixed subset of 100 000 elements plus statistics
     # of the whole array (helpers.Sampled): max_err checks both at the same tolerance, which every full
     # array within it satisfies.
