@@ -131,7 +131,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help=f"songs per parquet shard, the unit of commit (default: {library.SHARD_SONGS}; a shard "
                           f"is also committed every {library.COMMIT_SECONDS / 60:.0f} minutes)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="print only errors (progress bars also stay off when stderr is not a terminal)")
+                   help="print only errors and warnings (progress bars also stay off when stderr is not a terminal)")
     return p
 
 
@@ -363,7 +363,7 @@ def _main(argv, prog) -> int:
     from tqdm import tqdm
 
     def say(msg):
-        if not args.quiet:
+        if not args.quiet or msg.startswith("warning: "):
             tqdm.write(msg, file=sys.stderr)
 
     progress = not args.quiet and sys.stderr.isatty()

@@ -229,6 +229,32 @@ def test_bad_files_become_error_rows_and_retry_errors(tmp_path, tiny_ckpt_dir):
     assert library.Library(out).state().errors.keys() == {library.song_id(p) for p in errors if p != "nan.wav"}
 
 
+def test_resume_on_another_machine_warns_and_records_it(tmp_path, tiny_ckpt_dir, capsys):
+    music = make_music(tmp_path / "music", MIXED[:1])
+    out = tmp_path / "tok"
+    base = ["--encode", music, "-o", out, "--workers", 0, *common(tiny_ckpt_dir)]
+    assert encode(*base) == 0
+    first = json.loads((out / "fingerprint.json").read_text())["machines"]
+    assert first == [library.machine("cpu")] and first[0]["threads"] == torch.get_num_threads()
+    make_music(music, MIXED[1:2])
+    capsys.readouterr()
+    assert encode(*base) == 0  # the same machine: no warning, nothing added
+    assert "another machine" not in capsys.readouterr().err
+    assert json.loads((out / "fingerprint.json").read_text())["machines"] == first
+    make_music(music, MIXED[2:3])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1 if threads == 1 else 1)  # what another machine would change
+    try:
+        assert encode(*base) == 0
+        other = library.machine("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert f"{out} holds codes made on another machine ({threads} threads of" in err and "near-tie" in err
+    assert json.loads((out / "fingerprint.json").read_text())["machines"] == [*first, other]
+    assert set(codes_of(out)) == {"short.wav", "one/01.flac", "plus1/01.flac"}
+
+
 def test_fingerprint_mismatch_is_refused_unless_overwrite(tmp_path, tiny_ckpt_dir, capsys):
     music = make_music(tmp_path / "music", MIXED[:1])
     out = tmp_path / "tok"

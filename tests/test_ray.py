@@ -3,6 +3,7 @@ the local engine's and per-file ``sound2code``, bit for bit, and a killed run re
 duplicate-free."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -23,6 +24,13 @@ from mucodec.library import ray_engine  # noqa: E402  (needs ray)
 from test_library import MIXED, codes_of, common, make_music  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def same_fingerprint_but_machines(ray_out, local_out) -> bool:
+    """Ray and local runs record the same settings; the machines differ (a Ray cluster vs this CPU)."""
+    ray_fp, local_fp = (json.loads((d / "fingerprint.json").read_text()) for d in (ray_out, local_out))
+    assert ray_fp.pop("machines") == [{"engine": "ray"}] and local_fp.pop("machines") == [library.machine("cpu")]
+    return ray_fp == local_fp
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +57,7 @@ def test_ray_equals_local_equals_per_file(tmp_path, tiny_ckpt_dir):
     assert ray_table == library.read_library(tmp_path / "local").drop_columns(["codes"]).to_pylist()
     (err,) = library.read_errors(tmp_path / "ray")
     assert err["path"] == "broken.wav" and err["stage"] == "read"
-    assert (tmp_path / "ray" / "fingerprint.json").read_text() == (tmp_path / "local" / "fingerprint.json").read_text()
+    assert same_fingerprint_but_machines(tmp_path / "ray", tmp_path / "local")
     # run again: nothing to do
     assert cli.main([str(a) for a in [*base, "-o", tmp_path / "ray", "--engine", "ray"]]) == 0
     ids = library.read_library(tmp_path / "ray", columns=["song_id"]).column("song_id").to_pylist()
@@ -107,4 +115,4 @@ def test_ray_decode_equals_local(tmp_path, tiny_ckpt_dir):
         assert a.shape[0] > 0 and np.array_equal(a, b), k
     (err,) = library.read_errors(tmp_path / "ray")
     assert err["path"] == "bad" and "must lie in" in err["message"]
-    assert (tmp_path / "ray" / "fingerprint.json").read_text() == (tmp_path / "local" / "fingerprint.json").read_text()
+    assert same_fingerprint_but_machines(tmp_path / "ray", tmp_path / "local")

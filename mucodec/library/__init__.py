@@ -42,13 +42,13 @@ from ..audio import AUDIO_FORMATS
 from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local, summary_line
 from .parquet import FlatCodes, iter_codes, load_flat, read_library, write_shard
 from .songs import Song, expand_inputs, glob_files, in_shard, job_tag, list_folder, parse_shard, scan, song_id
-from .store import State, Store, error_row, read_errors
+from .store import State, Store, error_row, machine, read_errors
 from .workers import Reader, default_workers
 
 __all__ = ["AUDIO_FORMATS", "AudioLibrary", "AudioWriter", "DEFAULT_DECODE_BATCH", "DecodeJob", "SongDecoder",
            "TokenSong", "decode_library", "expand_inputs", "glob_files", "is_token_input", "read_tokens",
            "scan_tokens", "song_seed", "CODE_VERSION", "COMMIT_SECONDS", "FORMATS", "SHARD_SONGS", "EncodeJob", "FlatCodes", "Library", "Plan",
            "Reader", "Result", "Sink", "Song", "State", "Stats", "Store", "WindowPacker", "default_workers",
-           "encode_library", "error_row", "fingerprint", "in_shard", "iter_codes", "job_tag", "list_folder",
+           "encode_library", "error_row", "fingerprint", "in_shard", "iter_codes", "job_tag", "list_folder", "machine",
            "load_flat", "parse_shard", "plan_run", "read_errors", "read_library", "read_song", "report", "run_local",
            "scan", "song_id", "summary_line", "write_shard"]

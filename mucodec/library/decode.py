@@ -44,7 +44,7 @@ from .. import audio, tokens
 from ..errors import ArgumentError, MuCodecError, OutputError, TokenFileError
 from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import expand_inputs, glob_files, in_shard, list_folder, song_id
-from .store import Store, error_row, file_sha256
+from .store import MACHINES, Store, error_row, file_sha256, machine
 
 # Bump when a change to the code makes different audio from the same codes, weights and settings.
 DECODE_VERSION = 1
@@ -588,7 +588,10 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
         seed = old["seed"] if old and old.get("task") == "decode" else secrets.randbits(63)
     fp = fingerprint(files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
                      fast_vocoder=fast_vocoder, audio_format=audio_format)
-    lib.prepare(job_songs, fp, overwrite)
+    fp[MACHINES] = [machine(device, engine)]
+    warning = lib.prepare(job_songs, fp, overwrite)
+    if warning:
+        say(warning)
     plan = plan_run(lib, job_songs, retry_errors)
     say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "
         f"{len(plan.todo)} to decode (seed {seed})" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))

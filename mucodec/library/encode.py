@@ -25,7 +25,7 @@ from ..errors import ArgumentError, MuCodecError, OutputError
 from . import parquet
 from .engine import COMMIT_SECONDS, SHARD_SONGS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import Song, in_shard, scan
-from .store import Store, dumps, error_row, file_sha256
+from .store import MACHINES, Store, dumps, error_row, file_sha256, machine
 from .workers import default_workers
 
 # Bump when a change to the code makes different codes from the same audio and weights: old output
@@ -53,6 +53,7 @@ class Library(Store):
     """The output folder of an encode job: parquet shards and/or .mct files, committed atomically."""
 
     what = "codes"
+    machine_effect = "a rare near-tie code can differ between them (README: Codes across machines)"
 
     def __init__(self, out, fmt: str = "parquet", shard: tuple[int, int] | None = None):
         if fmt not in FORMATS:
@@ -379,8 +380,10 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     if engine == "ray":
         from . import ray_engine
         device = ray_engine.connect(address, progress)
-    fp = fingerprint(files, batch_size=batch_size, dtype=dtype, device=device)
-    lib.prepare(job_songs, fp, overwrite)
+    fp = {**fingerprint(files, batch_size=batch_size, dtype=dtype, device=device), MACHINES: [machine(device, engine)]}
+    warning = lib.prepare(job_songs, fp, overwrite)
+    if warning:
+        say(warning)
     plan = plan_run(lib, job_songs, retry_errors)
     todo, collisions = mct_collisions(lib, plan.todo)
     say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "

@@ -1,6 +1,8 @@
 """The output folder of a job: what made it, which songs it holds, and error rows, each committed atomically.
 
-    fingerprint.json          what made the output (weights, settings); output made differently is refused
+    fingerprint.json          what made the output (weights, settings); output made differently is refused.
+                              Its "machines" list (threads, processor, GPU) is only recorded: a resume on
+                              another machine adds to it and warns, since near-tie codes may differ there
     manifest[-I-of-N].jsonl   the songs of one job: song_id, path, size, mtime
     errors/<job>-<n>.jsonl    failed songs: song_id, path, stage, message, time
     report[-I-of-N].json      the last run
@@ -15,6 +17,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import platform
 import re
 import time
 from dataclasses import dataclass
@@ -24,8 +27,39 @@ from .. import tokens
 from ..errors import OutputError
 from .songs import job_tag
 
+# The fingerprint key that is recorded but never refused: which machines wrote into the folder.
+MACHINES = "machines"
+
 _NUMBERED = re.compile(r"^(?P<tag>[a-z0-9-]+?)-(?P<seq>\d{6})\.[a-z]+$")
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # tokens.open_atomic's names
+
+
+def machine(device, engine: str = "local") -> dict:
+    """What beyond weights, code and settings decides float rounding, and so the rare near-tie code.
+
+    Thread count and processor change the summation order of the CPU kernels; a GPU model its kernels.
+    A Ray job runs its models on the cluster's machines, which the driver cannot name.
+    """
+    import torch
+
+    if engine == "ray":
+        return {"engine": "ray"}
+    kind = torch.device(device).type
+    out = {"device": kind, "torch": torch.__version__}
+    if kind == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        out["threads"] = torch.get_num_threads()
+        out["cpu"] = _cpu_name()
+    return out
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -42,6 +76,7 @@ class Store:
     """
 
     what = "output"  # what the folder holds, in the refusal messages
+    machine_effect = "the results can differ in their last bits"  # what another machine can change
 
     def __init__(self, out, shard: tuple[int, int] | None = None):
         self.out, self.shard = Path(out), shard
@@ -71,15 +106,22 @@ class Store:
         return []
 
     # ---- setup ---------------------------------------------------------------------------------
-    def prepare(self, songs, fp: dict, overwrite: bool = False) -> None:
+    def prepare(self, songs, fp: dict, overwrite: bool = False) -> str | None:
         """Create the folders, refuse output made differently (or discard it with ``overwrite``), clean the
-        temporary files a crashed run of this job left, and write this job's manifest."""
+        temporary files a crashed run of this job left, and write this job's manifest.
+
+        ``fp[MACHINES]`` (a list of :func:`machine` records) is compared apart: returns a warning sentence
+        when this machine is not among those that wrote the folder before, else None."""
         try:
             for d in (self.out, *(d for d, _ in self.folders())):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"Cannot create the output folder {self.out}: {e.strerror or e}.") from None
         old = self.read_fingerprint()
+        here = fp.get(MACHINES, [])
+        fp = {k: v for k, v in fp.items() if k != MACHINES}
+        seen = [] if old is None or overwrite else old.pop(MACHINES, [])
+        warning = None
         if overwrite:
             self._discard(songs)
         elif old is not None and old != fp:
@@ -90,12 +132,19 @@ class Store:
         elif old is None and any(self._commit_files()):
             raise OutputError(f"{self.out} holds {self.what} but no fingerprint.json, so what made them is "
                               f"unknown; pass --overwrite to discard them, or choose another -o folder.")
-        if old != fp or overwrite:
-            tokens.write_atomic(self.fingerprint_path, dumps(fp))
+        new_machines = [m for m in here if m not in seen]
+        if seen and new_machines:
+            warning = (f"warning: {self.out} holds {self.what} made on another machine ({_machine_words(seen[-1])}; "
+                       f"now {_machine_words(new_machines[0])}): {self.machine_effect}, so resume on the same kind of "
+                       f"machine where the output must be reproducible.")
+        if old != fp or overwrite or new_machines:
+            tokens.write_atomic(self.fingerprint_path, dumps({**fp, MACHINES: seen + new_machines}))
         self._clean_temporaries(songs)
         tokens.write_atomic(self.manifest_path, b"".join(dumps(s.manifest_row(), indent=None) for s in songs))
+        return warning
 
     def read_fingerprint(self) -> dict | None:
+        """The fingerprint.json of the folder, machines included (None when there is none)."""
         try:
             return json.loads(self.fingerprint_path.read_text())
         except FileNotFoundError:
@@ -193,3 +242,11 @@ def dumps(obj, indent=2) -> bytes:
 def _short(v) -> str:
     s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
     return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _machine_words(m: dict) -> str:
+    if "engine" in m:
+        return "a Ray cluster"
+    if "gpu" in m:
+        return f"{m['gpu']}, torch {m.get('torch')}"
+    return f"{m.get('threads')} threads of {m.get('cpu')}, torch {m.get('torch')}"
