@@ -366,7 +366,8 @@ class MuCodec:
                                      callback=callback)
         out = []
         for song, lat in zip(songs, latents.split(1)):
-            wav = self.latents_to_wave(song.audible(lat), opts.fast_vocoder).cpu()
+            # the song's end can lie inside the window: the vocoder skips what cannot reach it
+            wav = self.latents_to_wave(song.audible(lat), opts.fast_vocoder, num_samples=song.remaining).cpu()
             out.append(song.take(lat, wav))
         return out
 
@@ -388,13 +389,17 @@ class MuCodec:
         return latents
 
     @torch.inference_mode()
-    def latents_to_wave(self, latents: torch.Tensor, fast_vocoder: bool = True) -> torch.Tensor:
-        """Latents (1, 32, F, 32) -> (2, 480 * 8F) waveform: channels 0-15 left, 16-31 right."""
+    def latents_to_wave(self, latents: torch.Tensor, fast_vocoder: bool = True,
+                        num_samples: int | None = None) -> torch.Tensor:
+        """Latents (1, 32, F, 32) -> (2, 480 * 8F) waveform: channels 0-15 left, 16-31 right.
+
+        ``num_samples``: only that many leading samples are wanted (:meth:`HiFiGAN.vocode`); the VAE
+        still decodes every frame, as its attention and group norms see the whole window."""
         b, ch, t, f = latents.shape
         with self._visiting(self.vae):
             mel = self.vae.decode(latents.reshape(b * 2, ch // 2, t, f).float())
         with self._visiting(self.vocoder):
-            wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder)
+            wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder, num_samples=num_samples)
         self._check_finite(wav, "audioldm", "The VAE and vocoder")
         return wav
 

@@ -40,7 +40,7 @@ SPC = 1920  # samples per code
 LENGTHS = [50, 900, 1024, 1025, 1800, 300, 2500, 10]  # 1 to 4 windows each
 
 
-def cheap_wave(self, latents, fast_vocoder=True):
+def cheap_wave(self, latents, fast_vocoder=True, num_samples=None):
     """Stand-in for VAE + vocoder: every sample depends on the window's latents, at a fraction of the cost."""
     b, ch, t, f = latents.shape
     per_frame = self.config.codes_per_latent * self.config.samples_per_code

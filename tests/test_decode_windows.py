@@ -42,7 +42,7 @@ def recorder(tiny_codec, monkeypatch):
         rec["sample"].append((true_latents.clone(), latent_length, incontext_length, out.clone()))
         return out
 
-    def fake_wave(latents, fast_vocoder=False):
+    def fake_wave(latents, fast_vocoder=False, num_samples=None):
         rec["wave_calls"] += 1
         return torch.full((2, latents.shape[2] * 8 * 480), float(rec["wave_calls"]))
 
@@ -132,13 +132,32 @@ def test_bad_codes_are_clear_errors(tiny_codec, bad):
 def test_real_decode_of_two_windows(tiny_codec):
     """The real tiny VAE + vocoder: exact length, finite output, reproducible with a seed."""
     codes = torch.randint(0, 16384, (1, 1, 1025), generator=torch.Generator().manual_seed(7))
-    a = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3))
-    b = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3))
+    a = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3), fast_vocoder=False)
+    b = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3), fast_vocoder=False)
     assert a.shape == (2, 1025 * SPC) and torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert float(a.abs().max()) > 0
     fast = tiny_codec.code2sound(codes, num_steps=2, generator=torch.Generator().manual_seed(3), fast_vocoder=True)
     torch.testing.assert_close(fast, a, rtol=0, atol=1e-5)  # same chunks up to float rounding
+
+
+def test_the_vocoder_stops_at_the_end_of_the_song(tiny_codec, monkeypatch, n=100):
+    """A song ending inside its last window: the vocoder runs only the chunks that reach its end, and the
+    audio is what vocoding the whole window gives (bit for bit with the official chunks)."""
+    codes = torch.randint(0, 16384, (1, 1, n), generator=torch.Generator().manual_seed(n))
+    frames = []
+    forward = type(tiny_codec.vocoder).forward
+    monkeypatch.setattr(type(tiny_codec.vocoder), "forward", lambda self, x: frames.append(x.shape[-1]) or forward(self, x))
+    cut = tiny_codec.code2sound(codes, num_steps=1, seed=5, fast_vocoder=False)
+    cut_frames, frames[:] = sum(frames), []
+    vocode = tiny_codec.vocoder.vocode
+    monkeypatch.setattr(tiny_codec.vocoder, "vocode", lambda mel, **k: vocode(mel, **{**k, "num_samples": None}))
+    whole = tiny_codec.code2sound(codes, num_steps=1, seed=5, fast_vocoder=False)
+    assert torch.equal(cut, whole) and cut.shape == (2, n * SPC)
+    # a window's 4096 mel frames are 13 chunks of 1024 every 256; after K chunks the first K * 122880
+    # samples are final (each chunk's last 768 frames are crossfaded with the next)
+    assert sum(frames) == 13 * 1024
+    assert cut_frames == -(-n * SPC // 122880) * 1024
 
 
 @pytest.mark.parametrize("fast", [False, True])

@@ -118,6 +118,46 @@ def test_shared_overlaps_equal_official_chunks(cfg, frames):
     assert a.abs().max().item() > 1e-2
 
 
+SMALL_CHUNKS = VocoderConfig(upsample_initial_channel=32, resblock_kernel_sizes=(3, 15),
+                             resblock_dilation_sizes=((1, 3, 5), (1, 3, 5)), chunk_frames=128, chunk_hop_frames=32)
+
+
+@pytest.fixture(scope="module")
+def small_chunks():
+    """A vocoder with 128-frame chunks, a mel of 300 frames, and its whole output in both schedules."""
+    voc = _random_vocoder(SMALL_CHUNKS, seed=3)
+    mel = torch.randn(2, 1, 300, 256, generator=torch.Generator().manual_seed(3))
+    return voc, mel, {share: voc.vocode(mel, share_overlaps=share) for share in (False, True)}
+
+
+@pytest.mark.parametrize("share_overlaps", [False, True])
+@pytest.mark.parametrize("num_samples, chunks_run", [
+    # 300 frames: 7 chunks, 0:128, 32:160, ..., 192:300. Each chunk's last 96 frames (46080 samples) are
+    # crossfaded with the next, so after K chunks the first K * 32 * 480 = K * 15360 samples are final.
+    (1, 1), (15360, 1), (15361, 2), (30720, 2), (30721, 3), (92161, 7), (144016, 7), (10 ** 7, 7)])
+def test_num_samples_runs_only_the_chunks_that_reach_them(monkeypatch, small_chunks, num_samples, chunks_run,
+                                                          share_overlaps):
+    voc, mel, wholes = small_chunks
+    whole = wholes[share_overlaps]
+    assert whole.shape == (2, 144016)
+    frames = []
+    forward = HiFiGAN.forward
+    monkeypatch.setattr(HiFiGAN, "forward", lambda self, x: frames.append(x.shape[-1]) or forward(self, x))
+    part = voc.vocode(mel, share_overlaps=share_overlaps, num_samples=num_samples)
+    assert part.shape == (2, min(num_samples, whole.shape[-1]))
+    if share_overlaps:  # the cut mel is split into other pieces: float rounding only
+        assert (part - whole[:, :num_samples]).abs().max().item() <= 1e-6
+        assert max(frames) <= min(300, 32 * (chunks_run - 1) + 128) + voc.radius()
+    else:
+        assert torch.equal(part, whole[:, :num_samples])
+        assert len(frames) == chunks_run
+
+
+def test_num_samples_must_be_positive():
+    with pytest.raises(ValueError, match="num_samples"):
+        _random_vocoder(NARROW).vocode(torch.randn(1, 1, 10, 256), num_samples=0)
+
+
 def test_radius_bounds_the_receptive_field():
     voc = _random_vocoder(NARROW, seed=2)
     mel = torch.randn(1, 256, 120)

@@ -96,7 +96,7 @@ def stub_decoder(codec: MuCodec) -> None:
     def decode_window(codes, true_latents, incontext, x0, opts, callback=None):
         return x0 + 0.01 * true_latents
 
-    def latents_to_wave(latents, fast_vocoder=False):
+    def latents_to_wave(latents, fast_vocoder=False, num_samples=None):
         frames = latents.shape[2] * codec.vae.cfg.downsampling
         return torch.full((2, frames * codec.vocoder.cfg.hop_length), 0.1) + latents.mean()
 
@@ -106,7 +106,7 @@ def stub_decoder(codec: MuCodec) -> None:
 
 def stub_vae(codec: MuCodec) -> None:
     """A constant-cost stand-in for the VAE and vocoder of one window (the output's shape as the real one)."""
-    def latents_to_wave(latents, fast_vocoder=False):
+    def latents_to_wave(latents, fast_vocoder=False, num_samples=None):
         frames = latents.shape[2] * codec.vae.cfg.downsampling
         return torch.full((2, frames * codec.vocoder.cfg.hop_length), 0.1) + latents.mean()
 
