@@ -73,9 +73,10 @@ def test_ray_killed_midway_resumes_complete_without_duplicates(tmp_path, tiny_ck
     argv = [sys.executable, str(REPO / "generate.py"), "--encode", str(music), "-o", str(out), "--engine", "ray",
             "--address", address, "--shard-size", "1", "--workers", "1", *common(str(tiny_ckpt_dir))]
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # a busy machine can take minutes to start Ray workers
     while time.monotonic() < deadline and proc.poll() is None and not list((out / "shards").glob("*.parquet")):
         time.sleep(0.01)
+    assert proc.poll() is None, "the job ended before it could be killed midway"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # Ray stops the dead driver's tasks; a write already renamed stays committed
