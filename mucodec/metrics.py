@@ -53,6 +53,7 @@ LAG_WINDOW = 1 << 20
 MIN_CORRELATION = 0.5
 SIDE_FLOOR_DB = -60.0
 SDR_EPS = 1e-12
+BLOCK_VALUES = 1 << 22  # spectrum values computed at once, per signal: bounds memory at the finest scales
 MIN_SECONDS = 0.5  # ViSQOL and BS.1770's 400 ms blocks need about this much
 
 # name -> (higher is better, unit)
@@ -102,7 +103,7 @@ def _magnitudes(x: torch.Tensor, n_fft: int, win: int, hop: int):
     x = F.pad(x[None], (pad, pad), mode=mode)[0]
     frames = 1 + (x.shape[-1] - n_fft) // hop
     window = torch.hann_window(win, dtype=x.dtype)
-    block = max(64, (1 << 22) // n_fft)
+    block = max(16, BLOCK_VALUES // n_fft)
     for s in range(0, frames, block):
         e = min(frames, s + block)
         seg = x[:, s * hop:(e - 1) * hop + n_fft]
