@@ -95,8 +95,8 @@ def align(ref: torch.Tensor, deg: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 # ---- spectral distances -------------------------------------------------------------------------
-def _magnitudes(x: torch.Tensor, n_fft: int, win: int, hop: int):
-    """|STFT| of (C, N) ``x`` (periodic Hann of ``win`` centred in ``n_fft``, frames centred by reflection),
+def _spectra(x: torch.Tensor, n_fft: int, win: int, hop: int):
+    """STFT of (C, N) ``x`` (periodic Hann of ``win`` centred in ``n_fft``, frames centred by reflection),
     in blocks of frames, so a long song never holds its whole spectrogram at the finest scale."""
     pad = n_fft // 2
     mode = "reflect" if x.shape[-1] > pad else "constant"
@@ -107,7 +107,7 @@ def _magnitudes(x: torch.Tensor, n_fft: int, win: int, hop: int):
     for s in range(0, frames, block):
         e = min(frames, s + block)
         seg = x[:, s * hop:(e - 1) * hop + n_fft]
-        yield torch.stft(seg, n_fft, hop, win, window, center=False, return_complex=True).abs()
+        yield torch.stft(seg, n_fft, hop, win, window, center=False, return_complex=True)
 
 
 def mel_distance(ref: torch.Tensor, deg: torch.Tensor, sample_rate: int = CODEC_SAMPLE_RATE) -> float:
@@ -118,45 +118,69 @@ def mel_distance(ref: torch.Tensor, deg: torch.Tensor, sample_rate: int = CODEC_
     for win, bands in MEL_SCALES:
         basis = slaney_mel_basis(sample_rate, win, bands, 0.0, sample_rate / 2)
         diff, count = 0.0, 0
-        for mag in _magnitudes(both, win, win, win // 4):
-            mel = torch.log10(torch.clamp(torch.einsum("mf,cft->cmt", basis, mag), min=MEL_FLOOR))
+        for spec in _spectra(both, win, win, win // 4):
+            mel = torch.log10(torch.clamp(torch.einsum("mf,cft->cmt", basis, spec.abs()), min=MEL_FLOOR))
             diff += float((mel[:channels] - mel[channels:]).abs().sum(dtype=torch.float64))
             count += mel[:channels].numel()
         total += diff / count
     return total
 
 
+class _Distance:
+    """Sums for one STFT distance at one resolution, accumulated over blocks of frames."""
+
+    def __init__(self):
+        self.err = self.energy = self.logdiff = 0.0
+        self.count = 0
+
+    def add(self, r: torch.Tensor, d: torch.Tensor) -> None:
+        """Magnitudes of reference and reconstruction."""
+        self.err += float(((r - d) ** 2).sum(dtype=torch.float64))
+        self.energy += float((r * r).sum(dtype=torch.float64))
+        self.logdiff += float((torch.log(r.clamp(min=MAG_FLOOR)) - torch.log(d.clamp(min=MAG_FLOOR))).abs()
+                              .sum(dtype=torch.float64))
+        self.count += r.numel()
+
+    def value(self) -> float:
+        convergence = math.sqrt(self.err / self.energy) if self.energy > 0 else (0.0 if self.err == 0 else math.inf)
+        return convergence + self.logdiff / self.count
+
+
+def stft_distances(ref: torch.Tensor, deg: torch.Tensor) -> tuple[float, float]:
+    """(stft_distance, mid_side_stft_distance) from one STFT per resolution: the STFT is linear, so mid and
+    side spectra are the half sum and half difference of the channels' (module docstring for the terms)."""
+    channels = ref.shape[0]
+    stereo = channels == 2 and _has_side(ref)
+    both = torch.cat([ref, deg]).float()
+    plain, mid_side = [], []
+    for n_fft, win, hop in STFT_RESOLUTIONS:
+        lr, mid, side = _Distance(), _Distance(), _Distance()
+        for spec in _spectra(both, n_fft, win, hop):
+            mag = spec.abs()
+            lr.add(mag[:channels], mag[channels:])
+            if stereo:
+                mid.add(((spec[0] + spec[1]) / 2).abs(), ((spec[2] + spec[3]) / 2).abs())
+                side.add(((spec[0] - spec[1]) / 2).abs(), ((spec[2] - spec[3]) / 2).abs())
+        plain.append(lr.value())
+        mid_side.append((mid.value() + side.value()) / 2 if stereo else math.nan)
+    return sum(plain) / len(plain), sum(mid_side) / len(mid_side)
+
+
+def _has_side(ref: torch.Tensor) -> bool:
+    """Whether a stereo reference has a side signal above :data:`SIDE_FLOOR_DB` of its mid."""
+    mid, side = ref[0].double() + ref[1].double(), ref[0].double() - ref[1].double()
+    return float((side ** 2).sum()) > float((mid ** 2).sum()) * 10 ** (SIDE_FLOOR_DB / 10)
+
+
 def stft_distance(ref: torch.Tensor, deg: torch.Tensor) -> float:
     """Multi-resolution STFT distance (module docstring): mean over :data:`STFT_RESOLUTIONS` of spectral
-    convergence plus mean |ln magnitude difference|."""
-    channels = ref.shape[0]
-    both = torch.cat([ref, deg]).float()
-    out = []
-    for n_fft, win, hop in STFT_RESOLUTIONS:
-        err = energy = logdiff = 0.0
-        count = 0
-        for mag in _magnitudes(both, n_fft, win, hop):
-            r, d = mag[:channels], mag[channels:]
-            err += float(((r - d) ** 2).sum(dtype=torch.float64))
-            energy += float((r * r).sum(dtype=torch.float64))
-            logmag = torch.log(mag.clamp(min=MAG_FLOOR))
-            logdiff += float((logmag[:channels] - logmag[channels:]).abs().sum(dtype=torch.float64))
-            count += r.numel()
-        convergence = math.sqrt(err / energy) if energy > 0 else (0.0 if err == 0 else math.inf)
-        out.append(convergence + logdiff / count)
-    return sum(out) / len(out)
+    convergence plus mean |ln magnitude difference|, over all channels."""
+    return stft_distances(ref, deg)[0]
 
 
 def mid_side_stft_distance(ref: torch.Tensor, deg: torch.Tensor) -> float:
     """Mean of :func:`stft_distance` of mid and side; NaN for a reference without side signal (module)."""
-    if ref.shape[0] != 2:
-        return math.nan
-    mid_r, side_r = (ref[0] + ref[1])[None] / 2, (ref[0] - ref[1])[None] / 2
-    mid_d, side_d = (deg[0] + deg[1])[None] / 2, (deg[0] - deg[1])[None] / 2
-    mid_e, side_e = float((mid_r.double() ** 2).sum()), float((side_r.double() ** 2).sum())
-    if side_e <= mid_e * 10 ** (SIDE_FLOOR_DB / 10):
-        return math.nan
-    return (stft_distance(mid_r, mid_d) + stft_distance(side_r, side_d)) / 2
+    return stft_distances(ref, deg)[1]
 
 
 # ---- waveform and level -------------------------------------------------------------------------
@@ -217,8 +241,7 @@ def measure(ref: torch.Tensor, deg: torch.Tensor, sample_rate: int = CODEC_SAMPL
         "lag_samples": lag,
         "visqol": visqol(ref, deg, sample_rate),
         "mel_distance": mel_distance(ref, deg, sample_rate),
-        "stft_distance": stft_distance(ref, deg),
-        "mid_side_stft_distance": mid_side_stft_distance(ref, deg),
+        **dict(zip(("stft_distance", "mid_side_stft_distance"), stft_distances(ref, deg))),
         "si_sdr_db": si_sdr(ref, deg),
         "loudness_ref_lufs": loud_r, "loudness_deg_lufs": loud_d, "loudness_diff_lu": loud_d - loud_r,
     }
@@ -229,5 +252,5 @@ def log_mel(wav: torch.Tensor, sample_rate: int = CODEC_SAMPLE_RATE, n_fft: int 
     (hop n_fft / 4, the finest-but-one scale of :func:`mel_distance`)."""
     basis = slaney_mel_basis(sample_rate, n_fft, bands, 0.0, sample_rate / 2)
     mono = wav.float().mean(0, keepdim=True)
-    mel = torch.cat([torch.einsum("mf,cft->cmt", basis, m) for m in _magnitudes(mono, n_fft, n_fft, n_fft // 4)], -1)
+    mel = torch.cat([torch.einsum("mf,cft->cmt", basis, m.abs()) for m in _spectra(mono, n_fft, n_fft, n_fft // 4)], -1)
     return np.log10(np.maximum(mel[0].numpy(), MEL_FLOOR))
