@@ -219,8 +219,8 @@ class Evaluation:
     def failed(self) -> list:
         return [r for r in self.rows if r["error"]]
 
-    def verdict(self) -> str:
-        """One line: what was done, and the headline number."""
+    def verdict(self, where: bool = True) -> str:
+        """One line: what was done, the headline number, and (``where``) where the report is."""
         v = self.summary["metrics"]["visqol"]
         head = f"ViSQOL mean {v['mean']:.2f} (95 % CI {v['ci95'][0]:.2f}-{v['ci95'][1]:.2f})" if v["n"] else \
             "no pair scored"
@@ -229,7 +229,7 @@ class Evaluation:
                         ("extra", len(self.pairing.extra))):
             if n:
                 parts.append(f"{n} {what}")
-        return f"{', '.join(parts)}: {head}; report {self.out / 'report.html'}"
+        return f"{', '.join(parts)}: {head}" + (f"; report {self.out / 'report.html'}" if where else "")
 
     def table(self) -> str:
         """The summary as a small text table."""
@@ -279,7 +279,8 @@ def evaluate(pairing: Pairing, out, *, settings: dict | None = None, workers: in
     rows, todo = {}, []
     for p in pairing.pairs:
         row = old.get(p.path)
-        if row and row["stamp"] == p.stamp() and row["version"] == METRICS_VERSION and row["reconstruction"] == p.deg:
+        # sizes and modification times to the nanosecond: files of another run are never taken for these
+        if row and row["stamp"] == p.stamp() and row["version"] == METRICS_VERSION:
             rows[p.path] = row
         else:
             todo.append(p)

@@ -47,7 +47,7 @@ _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; }
 td, th { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }
-td.name, th.name { text-align: left; }
+td.name, th.name { text-align: left; } td { white-space: nowrap; }
 table.songs th { cursor: pointer; background: #f4f4f4; }
 th[data-order=up]::after { content: ' \\25B2'; } th[data-order=down]::after { content: ' \\25BC'; }
 .song { margin: 1em 0 2em; } .song img { display: block; } .song audio { vertical-align: middle; height: 32px; } .err { color: #b00; } .note { color: #555; }
@@ -190,7 +190,7 @@ def render(ev, detail: int = DETAIL) -> str:
 <html lang=en><head><meta charset=utf-8><title>MuCodec evaluation: {len(rows)} songs</title>
 <style>{_STYLE}</style></head><body>
 <h1>MuCodec evaluation</h1>
-<p>{html.escape(ev.verdict())}</p>{lists}
+<p>{html.escape(ev.verdict(where=False))}.</p>{lists}
 <h2>Summary</h2>{_summary_table(summary)}
 {hist}
 <h2>Settings</h2>{_settings_table(summary["settings"])}
