@@ -371,6 +371,7 @@ def test_report_in_a_real_browser(evaluated):
 
 
 # ---- reconstruct and evaluate in one go, on the tiny model --------------------------------------
+@pytest.mark.slow  # 25-55 s on a busy 2-core machine: three runs of the tiny decoder's windows
 def test_reconstruct_and_evaluate_end_to_end(tmp_path, tiny_ckpt_dir, capsys):
     music_dir, out = tmp_path / "music", tmp_path / "out"
     write(music_dir / "sub" / "one.wav", music(2.0))
@@ -401,6 +402,10 @@ def test_reconstruct_and_evaluate_end_to_end(tmp_path, tiny_ckpt_dir, capsys):
     err = capsys.readouterr().err
     assert "1 kept from an earlier run" in err and "(0 scored now)" in err and "loading MuCodec" not in err
     assert evaluate.read_rows(out / "metrics.csv") == rows
+    # ... and the evaluation command on the same folders finds every pair scored, and keeps the settings
+    assert evaluate.main([str(music_dir), str(out), "--workers", "0"]) == 0
+    assert "(0 scored now)" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["settings"] == settings
 
 
 @pytest.mark.parametrize("argv, words", [
