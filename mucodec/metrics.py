@@ -14,7 +14,8 @@ SI-SDR and ViSQOL are level-invariant by their own definitions; the spectral dis
 
 Metrics (lower is better unless stated):
     visqol           ViSQOL v3, audio mode, 48 kHz, on the channel mean (visqol-python), MOS-LQO 1-5, higher
-                     is better; identical signals score its ceiling, about 4.73
+                     is better; identical signals score its ceiling, about 4.73, a silent reconstruction 1
+                     (a silent reference is refused: nothing to compare with)
     mel_distance     multi-scale mel distance as in DAC's evaluation: the sum over 7 scales, window w in
                      32, 64, ..., 2048 samples (Hann, hop w/4, FFT w, centred with reflection) with
                      5, 10, ..., 320 slaney mel bands (0-24 kHz) of mag spectra, of the mean absolute
@@ -217,6 +218,8 @@ def visqol(ref: torch.Tensor, deg: torch.Tensor, sample_rate: int = CODEC_SAMPLE
     """ViSQOL v3 MOS-LQO in audio mode (48 kHz) of the channel means, as the C++ tool mixes to mono."""
     r = ref.double().mean(0).numpy()
     d = deg.double().mean(0).numpy()
+    if not d.any():  # ViSQOL would scale silence up to the reference's level: NaN. Nothing is heard: the floor
+        return 1.0
     return float(_visqol_api().measure_from_arrays(r, d, sample_rate=sample_rate).moslqo)
 
 
@@ -236,6 +239,9 @@ def measure(ref: torch.Tensor, deg: torch.Tensor, sample_rate: int = CODEC_SAMPL
         raise AudioError(f"The pair overlaps by {ref.shape[-1] / sample_rate:.2f} s only; metrics need at least "
                          f"{MIN_SECONDS} s of both files.")
     loud_r, loud_d = loudness(ref, sample_rate), loudness(deg, sample_rate)
+    if math.isnan(loud_r):
+        raise AudioError("The reference is silent (below BS.1770's -70 LUFS gate), so there is nothing to compare "
+                         "its reconstruction with; leave it out.")
     return {
         "ref_seconds": ref_seconds, "deg_seconds": deg_seconds, "compared_seconds": ref.shape[-1] / sample_rate,
         "lag_samples": lag,

@@ -169,6 +169,13 @@ def test_si_sdr_matches_numpy():
     assert metrics.si_sdr(torch.from_numpy(r), torch.from_numpy(d)) == pytest.approx(np.mean(values), abs=1e-6)
 
 
+def test_silence(ref):
+    quiet = metrics.measure(ref, torch.zeros_like(ref))  # a silent reconstruction is the worst, not a gap
+    assert quiet["visqol"] == 1.0 and quiet["mel_distance"] > 1 and quiet["stft_distance"] > 1
+    with pytest.raises(metrics.AudioError, match="reference is silent"):
+        metrics.measure(torch.zeros_like(ref), ref)
+
+
 def test_mono_reference_has_no_stereo_image_distance():
     x = music(1.0)[:1].expand(2, -1)
     assert math.isnan(metrics.mid_side_stft_distance(x, with_noise(x, 20)))
