@@ -112,6 +112,8 @@ def pair_inputs(ref, deg, token_dir=None) -> Pairing:
     for p in (ref, deg):
         if not p.exists():
             raise ArgumentError(f"{p} does not exist; give a folder or file of audio.")
+    if ref.resolve() == deg.resolve():
+        raise ArgumentError(f"{ref} is given as both reference and reconstruction; give the two folders (or files).")
     if ref.is_file() and deg.is_file():
         name = ref.stem
         tok = token_file(token_dir, name) if token_dir else token_file(deg.parent, deg.stem)

@@ -293,6 +293,7 @@ def test_bootstrap_interval_holds_the_mean():
 @pytest.mark.parametrize("argv, words", [
     (["nowhere", "."], "nowhere does not exist"),
     (["ref", "deg/a.wav"], "must both be folders or both be files"),
+    (["ref", "ref/"], "is given as both reference and reconstruction"),
 ])
 def test_user_errors_are_one_sentence_and_write_nothing(folders, capsys, argv, words, monkeypatch):
     monkeypatch.chdir(folders[0].parent)
