@@ -7,13 +7,15 @@
     python3 generate.py --encode music/ -o tokens/                # a library -> parquet shards, resumable
     python3 generate.py --encode music/ -o tokens/ --shard 3/8 --engine ray
     python3 generate.py tokens/ -o audio/ --decode-batch 8         # a token library -> one FLAC per song
+    python3 generate.py music/ -o out/ --evaluate                  # reconstruct, then metrics and report.html
 
 A layer over the package: inputs are expanded and every output decided before the model loads (so
 refusals cost nothing), then each file goes through ``MuCodec.encode_file`` / ``decode_file`` /
 ``reconstruct_file``. A failing file is reported in one sentence and the batch goes on. ``--encode`` of a
 folder (or with any library option) runs the encode job of ``mucodec.library`` instead, and token inputs
 that are more than single token files (a token library, tables, arrays, folders of token files) run its
-decode job: the input's kind picks the action, never a verb.
+decode job: the input's kind picks the action, never a verb. ``--evaluate`` adds to reconstructing audio a
+comparison of each reconstruction with its input (``mucodec.evaluate``).
 """
 from __future__ import annotations
 
@@ -95,6 +97,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "once per frame plus the chunk edges (default: once per frame, ~2.5x less vocoder work, "
                         "the same audio up to float rounding)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="reconstructing audio: then compare each reconstruction with its input (ViSQOL, mel and "
+                        "STFT distances, SI-SDR, loudness, bitrate) into DIR/metrics.csv, summary.json and "
+                        f"report.html. Keeps each song's token file DIR/<name>{ext} (for the bitrate); existing "
+                        "reconstructions are kept and evaluated as they are, so a run resumes (--overwrite redoes "
+                        "them); --workers sets the processes computing metrics. Needs pip install -r "
+                        "requirements-eval.txt")
     lib = p.add_argument_group(
         "libraries: tokenising (--encode of a folder) and decoding (a token library, parquet tables, .npy arrays "
         "or folders of token files)",
@@ -147,6 +156,8 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--seed must lie in [0, 2**64)")
     if args.encode and args.prompt:
         parser.error("--prompt guides the decoder; it has no effect with --encode")
+    if args.encode and args.evaluate:
+        parser.error("--evaluate compares reconstructions with their inputs; it has no effect with --encode")
     try:
         args.device = api.pick_device(args.device)
     except ArgumentError as e:
@@ -292,8 +303,9 @@ def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
             continue
         # a .mct is a token file even when damaged: its error must say what is wrong with it
         if tokens.is_token_path(src) or tokens.is_token_file(src):
-            if args.encode:
-                failed.append((str(src), f"{src} is already a token file; --encode needs audio."))
+            if args.encode or args.evaluate:
+                failed.append((str(src), f"{src} is already a token file; --{'encode' if args.encode else 'evaluate'} "
+                                         "needs audio."))
                 continue
             kind, ext = "decode", audio_ext
         else:
@@ -307,6 +319,10 @@ def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
             failed.append((str(src), f"{src} would be overwritten by its own output; choose another -o folder."))
             continue
         if dst.exists() and not args.overwrite:
+            if args.evaluate and kind == "reconstruct":  # resuming: evaluated as it is
+                claimed[_real(dst)] = src
+                jobs.append(Job(src, dst, "kept"))
+                continue
             failed.append((str(src), f"{dst} already exists; pass --overwrite to replace it."))
             continue
         problem = _folder_problem(dst.parent)
@@ -316,6 +332,11 @@ def plan(args, out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
         claimed[_real(dst)] = src
         jobs.append(Job(src, dst, kind))
     return jobs, failed
+
+
+def token_path(job: Job) -> Path:
+    """Where ``--evaluate`` keeps the token file of a reconstruction."""
+    return job.dst.with_suffix(tokens.EXTENSION)
 
 
 def run_job(codec: MuCodec, job: Job, args, prompt) -> None:
@@ -331,6 +352,10 @@ def run_job(codec: MuCodec, job: Job, args, prompt) -> None:
                    fast_vocoder=not args.official_vocoder)
     if job.kind == "decode":
         codec.decode_file(job.src, job.dst, num_steps=args.steps, **options)
+    elif args.evaluate:  # through a token file, whose payload is the bitrate; the audio is the same
+        codec.encode_file(job.src, token_path(job), batch_size=args.batch_size)
+        steps = codec.config.sound2sound_steps if args.steps is None else args.steps
+        codec.decode_file(token_path(job), job.dst, num_steps=steps, **options)
     else:
         codec.reconstruct_file(job.src, job.dst, batch_size=args.batch_size, num_steps=args.steps, **options)
 
@@ -370,28 +395,42 @@ def _main(argv, prog) -> int:
     mode = _library_mode(args)
     if mode == "decode" and args.prompt:
         parser.error("--prompt is for single token files; a decode job decodes each song from its codes alone")
+    if mode is not None and args.evaluate:
+        parser.error("--evaluate compares reconstructions with their audio inputs; give audio files or folders, "
+                     "not token inputs")
     if mode is not None:
         return _run_library(args, out_dir, say, progress, mode)
-    if _library_options(args):
-        parser.error(f"{_library_options(args)[0]} is an option of a library job: --encode of a folder of audio, or "
+    library_options = [o for o in _library_options(args) if not (args.evaluate and o == "--workers")]
+    if library_options:
+        parser.error(f"{library_options[0]} is an option of a library job: --encode of a folder of audio, or "
                      "decoding a token library, tables, arrays or folders of token files")
+    if args.evaluate:
+        from . import evaluate
+
+        try:  # before any work: an hour of reconstructing must not end in a missing package
+            evaluate.require_extras()
+        except MuCodecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_FAILED
     jobs, failed = plan(args, out_dir)
+    kept = [j for j in jobs if j.kind == "kept"]
+    todo = [j for j in jobs if j.kind != "kept"]
     done = []
-    if jobs:
+    if todo:
         try:
             if args.prompt:  # a bad prompt fails the run once, before the model loads
                 check_input_file(args.prompt, "Prompt file")
             ckpt = args.ckpt or api.default_checkpoint()
             say(f"loading MuCodec from {ckpt} on {args.device} ({args.dtype})")
             codec = MuCodec.from_pretrained(ckpt, device=args.device, dtype=api.DTYPES[args.dtype],
-                                            encoder_only=all(j.kind == "encode" for j in jobs),
+                                            encoder_only=all(j.kind == "encode" for j in todo),
                                             revision=args.revision, progress=progress)
             prompt = codec.prepare_prompt(args.prompt) if args.prompt else None
         except MuCodecError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_FAILED
         oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-        bar = tqdm(jobs, unit="file", desc="files", file=sys.stderr, disable=not progress or len(jobs) < 2)
+        bar = tqdm(todo, unit="file", desc="files", file=sys.stderr, disable=not progress or len(todo) < 2)
         for job in bar:
             start = time.perf_counter()
             try:
@@ -411,10 +450,43 @@ def _main(argv, prog) -> int:
                 say(f"{job.src} -> {job.dst} ({time.perf_counter() - start:.1f} s)")
                 continue
             say(f"failed: {failed[-1][1]}")
-    if len(done) + len(failed) > 1 or failed:
-        summary = f"{len(done)} done, {len(failed)} failed"
+    if len(done) + len(failed) > 1 or failed or kept:
+        summary = f"{len(done)} done, " + (f"{len(kept)} kept from an earlier run, " if kept else "") + \
+            f"{len(failed)} failed"
         if failed:
             summary += ":\n" + "\n".join(f"  {src}: {why}" for src, why in failed)
         if failed or not args.quiet:
             print(summary, file=sys.stderr)
+    if args.evaluate and (done or kept):
+        return max(EXIT_FAILED if failed else EXIT_OK, _evaluate(args, done + kept, out_dir, say, progress))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def run_settings(args) -> dict:
+    """What made the reconstructions, for the evaluation's summary and report."""
+    from .checkpoint import DECODER_STAGES, ENCODER_STAGES, resolve_files, roles_of
+    from .library.store import file_sha256
+
+    files = resolve_files(args.ckpt or api.default_checkpoint(), roles_of(ENCODER_STAGES + DECODER_STAGES),
+                          args.revision)
+    return {"steps": _DEFAULTS.sound2sound_steps if args.steps is None else args.steps, "guidance": args.guidance,
+            "seed": "random" if args.seed is None else args.seed, "dtype": args.dtype, "device": args.device,
+            "vocoder": "official" if args.official_vocoder else "shared-overlaps", "batch_size": args.batch_size,
+            "prompt": args.prompt or "none",
+            "checkpoint (sha256)": {role: file_sha256(f)[:16] for role, f in sorted(files.items())}}
+
+
+def _evaluate(args, jobs: list[Job], out_dir: Path, say, progress: bool) -> int:
+    """``--evaluate``: each finished reconstruction against its input; returns the exit status."""
+    from . import evaluate
+
+    pairs = [evaluate.Pair(j.dst.relative_to(out_dir).with_suffix("").as_posix(), str(j.src), str(j.dst),
+                           str(token_path(j)) if token_path(j).is_file() else "") for j in jobs]
+    try:
+        ev = evaluate.evaluate(evaluate.Pairing(pairs), out_dir, settings=run_settings(args), workers=args.workers,
+                               progress=progress, say=say)
+    except MuCodecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    evaluate.print_result(ev, args.quiet)
+    return EXIT_FAILED if ev.failed else EXIT_OK

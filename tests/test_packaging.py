@@ -26,6 +26,7 @@ def test_dependencies_match_the_requirements_files():
     extras = project["optional-dependencies"]
     assert set(extras["library"]) == requirements("requirements-library.txt")
     assert set(extras["ray"]) == requirements("requirements-ray.txt")
+    assert set(extras["eval"]) == requirements("requirements-eval.txt")
     assert set(extras["dev"]) | requirements("requirements.txt") == requirements("requirements-dev.txt")
 
 
