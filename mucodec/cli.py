@@ -81,7 +81,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto",) + tuple(api.DTYPES), default="auto",
                    help="precision of the flow decoder (DiT under autocast; everything else stays float32). "
                         "auto: float16 on CUDA, as the official code runs it, float32 elsewhere; bfloat16 makes "
-                        "the DiT 1.2-1.7x faster on CPUs with native bfloat16 (deviation ~0.5 %%) (default: auto)")
+                        "the DiT 1.2-1.7x faster on CPUs with native bfloat16 (deviation ~0.5 %%) and about 7x slower on "
+                        "CPUs without it, which get a warning (default: auto)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
                    help="40.96 s chunks encoded at once; lower it if memory runs out "
                         f"(default: {_DEFAULTS.encoder_batch_size})")
@@ -392,6 +393,9 @@ def _main(argv, prog) -> int:
             tqdm.write(msg, file=sys.stderr)
 
     progress = not args.quiet and sys.stderr.isatty()
+    slow = api.precision_warning(args.dtype, args.device)
+    if slow and not args.encode:  # the dtype only reaches the flow decoder
+        say(slow)
     mode = _library_mode(args)
     if mode == "decode" and args.prompt:
         parser.error("--prompt is for single token files; a decode job decodes each song from its codes alone")
