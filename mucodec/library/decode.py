@@ -589,9 +589,7 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     fp = fingerprint(files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
                      fast_vocoder=fast_vocoder, audio_format=audio_format)
     fp[MACHINES] = [machine(device, engine)]
-    warning = lib.prepare(job_songs, fp, overwrite)
-    if warning:
-        say(warning)
+    lib.prepare(job_songs, fp, overwrite, say)
     plan = plan_run(lib, job_songs, retry_errors)
     say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "
         f"{len(plan.todo)} to decode (seed {seed})" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))

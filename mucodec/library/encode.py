@@ -381,9 +381,7 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
         from . import ray_engine
         device = ray_engine.connect(address, progress)
     fp = {**fingerprint(files, batch_size=batch_size, dtype=dtype, device=device), MACHINES: [machine(device, engine)]}
-    warning = lib.prepare(job_songs, fp, overwrite)
-    if warning:
-        say(warning)
+    lib.prepare(job_songs, fp, overwrite, say)
     plan = plan_run(lib, job_songs, retry_errors)
     todo, collisions = mct_collisions(lib, plan.todo)
     say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "

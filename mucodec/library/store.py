@@ -106,12 +106,12 @@ class Store:
         return []
 
     # ---- setup ---------------------------------------------------------------------------------
-    def prepare(self, songs, fp: dict, overwrite: bool = False) -> str | None:
+    def prepare(self, songs, fp: dict, overwrite: bool = False, say=None) -> str | None:
         """Create the folders, refuse output made differently (or discard it with ``overwrite``), clean the
         temporary files a crashed run of this job left, and write this job's manifest.
 
-        ``fp[MACHINES]`` (a list of :func:`machine` records) is compared apart: returns a warning sentence
-        when this machine is not among those that wrote the folder before, else None."""
+        ``fp[MACHINES]`` (a list of :func:`machine` records) is compared apart: when this machine is not among
+        those that wrote the folder before, a warning sentence is passed to ``say`` and returned, else None."""
         try:
             for d in (self.out, *(d for d, _ in self.folders())):
                 d.mkdir(parents=True, exist_ok=True)
@@ -141,6 +141,8 @@ class Store:
             tokens.write_atomic(self.fingerprint_path, dumps({**fp, MACHINES: seen + new_machines}))
         self._clean_temporaries(songs)
         tokens.write_atomic(self.manifest_path, b"".join(dumps(s.manifest_row(), indent=None) for s in songs))
+        if warning and say is not None:
+            say(warning)
         return warning
 
     def read_fingerprint(self) -> dict | None:
