@@ -50,7 +50,10 @@ class VAEConfig:
 
 # Full-resolution activations are processed in row tiles of at most this many elements: a conv
 # on a whole (C,H,W) tensor makes oneDNN copy its input to a blocked layout (+1 GiB at full size).
-_TILE_ELEMENTS = 1 << 24
+# 8 MiB keeps a tile's temporaries under glibc's mmap threshold (at most 32 MiB), so they reuse freed
+# heap memory instead of faulting in fresh pages: a full-window decode ran 1.17x faster with 4x fewer
+# page faults and no higher peak than with 64 MiB tiles.
+_TILE_ELEMENTS = 1 << 21
 
 
 def _tile_rows(channels: int, width: int) -> int:
