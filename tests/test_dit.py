@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from helpers import entries, golden, max_err
-from mucodec.dit import DiT, DiTConfig, FlowTimestepEmbedding, sincos_pos_embed_2d
+import mucodec.dit
+from mucodec.dit import DiT, DiTConfig, FlowTimestepEmbedding, chunked_attention, sincos_pos_embed_2d
 
 PREFIX = "cfm_wrapper.estimator."
 DIT_TOL = 2e-4
@@ -186,7 +187,9 @@ def test_unpatchify_order():
 @pytest.mark.slow
 def test_bfloat16_autocast_stays_close_to_the_reference(dit_full, gold):
     """The reduced-precision path (CPU/GPU autocast around the DiT; sinusoids, norms and softmax statistics
-    stay float32 inside): measured 0.64 % relative L2 error on the golden forward, bounded here at 1.5 %."""
+    stay float32 inside; on the CPU the attention runs as chunked bf16 products): measured 0.64 % relative L2
+    error on the golden forward, with torch's fused attention kernel and with the chunked one alike, bounded
+    here at 1.5 %."""
     x, t = torch.from_numpy(gold["x"]), torch.from_numpy(gold["timestep"])
     ref = torch.from_numpy(gold["output"]).double()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -194,3 +197,40 @@ def test_bfloat16_autocast_stays_close_to_the_reference(dit_full, gold):
     rel = float((out.double() - ref).norm() / ref.norm())  # (the sampler adds it to its float32 state)
     print(f"bf16 autocast DiT forward: relative L2 error {rel:.4f}")
     assert 0 < rel <= 0.015
+
+
+@pytest.mark.parametrize("queries", [1, 4, 10, 16])
+def test_chunked_attention_equals_the_fused_kernel(queries):
+    """Every query block, the last partial one included, lands in its own rows of the output."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(chunked_attention(q, k, v, queries), expect, atol=1e-6, rtol=0)
+
+
+def test_bfloat16_attention_on_the_cpu_is_chunked(monkeypatch):
+    """bf16 on the CPU takes the chunked products in every block, float32 keeps the fused kernel (the
+    official code's numbers), and a chunk size of 0 switches the chunking off."""
+    calls = []
+
+    def counting(*args):
+        calls.append(args[-1])
+        return chunked_attention(*args)
+
+    monkeypatch.setattr(mucodec.dit, "chunked_attention", counting)
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 6, 12, 8), torch.tensor([0.2, 0.7])
+    dit = DiT(tiny_config(cpu_attention_queries=5))
+    with torch.no_grad():
+        exact = dit(x, t)
+        assert calls == []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            chunked = dit(x, t)
+        assert calls == [5, 5]
+        dit_fused = DiT(tiny_config(cpu_attention_queries=0))
+        dit_fused.load_state_dict(dit.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = dit_fused(x, t)
+        assert calls == [5, 5]
+    for out in (chunked, fused):
+        assert float((out.float() - exact).norm() / exact.norm()) < 0.02
