@@ -116,10 +116,27 @@ class Res2dModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_dim, F, T) -> (B, out_dim, ceil(F/2), ceil(T/stride_t))."""
-        h = F.relu_(self.bn1(self.conv1(x)))
+        h = F.relu_(self.bn1(conv2d(self.conv1, x)))
         h = self.bn2(self.conv2(h))
-        h += self.bn3(self.conv3(x))
+        h += self.bn3(conv2d(self.conv3, x))
         return F.relu_(h)
+
+
+def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; with one input channel as one matrix product over the 3x3 patches.
+
+    oneDNN's direct convolution of the single mel channel runs at 4-6 GFLOP/s (0.8 s of each 3-window
+    encoder batch on a 2-core Zen 5 CPU, twice per batch); the patch product took 0.3 s there, with the same bits.
+    """
+    if conv.in_channels != 1 or x.device.type != "cpu":
+        return conv(x)
+    b, _, height, width = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    patches = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # (B, kh*kw, L)
+    weight = conv.weight.reshape(1, conv.out_channels, kh * kw).expand(b, -1, -1)
+    out = torch.baddbmm(conv.bias.reshape(1, -1, 1), weight, patches)
+    return out.view(b, conv.out_channels, out_h, out_w)
 
 
 class Conv2dSubsampling(nn.Module):

@@ -7,7 +7,7 @@ import torch
 import helpers
 from helpers import golden, max_err
 from mucodec.errors import CheckpointError
-from mucodec.muq import MuQConfig, MuQEncoder
+from mucodec.muq import MuQConfig, MuQEncoder, conv2d
 
 NUM_LAYERS = 6  # MuCodec(layer_num=7) uses hidden_states[6]
 # README "Suggested tolerances": front end <= 1e-4 abs on normalised values / 1e-3 dB;
@@ -153,3 +153,18 @@ def test_build_from_manifest_matches_loaded(muq_full):
     loaded = muq_full.state_dict()
     assert direct.keys() == loaded.keys()
     assert all(torch.equal(direct[k], loaded[k]) for k in direct)
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (2, 1)])
+def test_single_channel_convolution_as_a_patch_product(stride):
+    """The first block's two convolutions of the mel image (one input channel) run as a matrix product over
+    3x3 patches; odd sizes check the padding and the output grid."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 6, 3, padding=1, stride=stride)
+    x = torch.randn(2, 1, 13, 21)
+    with torch.no_grad():
+        out = conv2d(conv, x)
+        torch.testing.assert_close(out, conv(x), atol=1e-6, rtol=0)
+        many = torch.nn.Conv2d(3, 6, 3, padding=1, stride=stride)
+        y = torch.randn(2, 3, 13, 21)
+        assert torch.equal(conv2d(many, y), many(y))
