@@ -81,7 +81,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto",) + tuple(api.DTYPES), default="auto",
                    help="precision of the flow decoder (DiT under autocast; everything else stays float32). "
                         "auto: float16 on CUDA, as the official code runs it, float32 elsewhere; bfloat16 makes "
-                        "the DiT 1.2-1.7x faster on CPUs with native bfloat16 (deviation ~0.5 %%) and about 7x slower on "
+                        "the DiT about 2.6x faster on CPUs with native bfloat16 (deviation ~0.5 %%) and about 7x slower on "
                         "CPUs without it, which get a warning (default: auto)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
                    help="40.96 s chunks encoded at once; lower it if memory runs out "
