@@ -106,12 +106,12 @@ class Store:
         return []
 
     # ---- setup ---------------------------------------------------------------------------------
-    def prepare(self, songs, fp: dict, overwrite: bool = False, say=None) -> str | None:
+    def prepare(self, songs, fp: dict, overwrite: bool, say) -> None:
         """Create the folders, refuse output made differently (or discard it with ``overwrite``), clean the
         temporary files a crashed run of this job left, and write this job's manifest.
 
         ``fp[MACHINES]`` (a list of :func:`machine` records) is compared apart: when this machine is not among
-        those that wrote the folder before, a warning sentence is passed to ``say`` and returned, else None."""
+        those that wrote the folder before, a warning sentence is passed to ``say``."""
         try:
             for d in (self.out, *(d for d, _ in self.folders())):
                 d.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,6 @@ class Store:
         here = fp.get(MACHINES, [])
         fp = {k: v for k, v in fp.items() if k != MACHINES}
         seen = [] if old is None or overwrite else old.pop(MACHINES, [])
-        warning = None
         if overwrite:
             self._discard(songs)
         elif old is not None and old != fp:
@@ -133,6 +132,7 @@ class Store:
             raise OutputError(f"{self.out} holds {self.what} but no fingerprint.json, so what made them is "
                               f"unknown; pass --overwrite to discard them, or choose another -o folder.")
         new_machines = [m for m in here if m not in seen]
+        warning = None
         if seen and new_machines:
             warning = (f"warning: {self.out} holds {self.what} made on another machine ({_machine_words(seen[-1])}; "
                        f"now {_machine_words(new_machines[0])}): {self.machine_effect}, so resume on the same kind of "
@@ -141,9 +141,8 @@ class Store:
             tokens.write_atomic(self.fingerprint_path, dumps({**fp, MACHINES: seen + new_machines}))
         self._clean_temporaries(songs)
         tokens.write_atomic(self.manifest_path, b"".join(dumps(s.manifest_row(), indent=None) for s in songs))
-        if warning and say is not None:
+        if warning:
             say(warning)
-        return warning
 
     def read_fingerprint(self) -> dict | None:
         """The fingerprint.json of the folder, machines included (None when there is none)."""
