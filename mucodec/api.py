@@ -61,7 +61,7 @@ def precision_warning(dtype, device: str | torch.device = "cpu") -> str | None:
     ``device``, else None."""
     if str(dtype).replace("torch.", "") != "bfloat16" or native_bfloat16(device):
         return None
-    return ("warning: this CPU has no native bfloat16 arithmetic (AVX512-BF16, AMX or ARM BF16), so the flow "
+    return ("this CPU has no native bfloat16 arithmetic (AVX512-BF16, AMX or ARM BF16), so the flow "
             "decoder runs about 7x slower in bfloat16 than in float32 here; use float32, the default on CPUs.")
 
 
@@ -88,7 +88,7 @@ def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "a
     _current = None  # let the old model go before the new one is built (each is several GB)
     slow = precision_warning(settings[2], device)
     if slow:
-        warnings.warn(slow[len("warning: "):], RuntimeWarning, stacklevel=2)
+        warnings.warn(slow, RuntimeWarning, stacklevel=2)
     model = MuCodec.from_pretrained(settings[0], device=settings[1], dtype=settings[2], encoder_only=settings[3],
                                     revision=revision, progress=progress)
     _current = (settings, model)

@@ -395,7 +395,7 @@ def _main(argv, prog) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     slow = api.precision_warning(args.dtype, args.device)
     if slow and not args.encode:  # the dtype only reaches the flow decoder
-        say(slow)
+        say(f"warning: {slow}")
     mode = _library_mode(args)
     if mode == "decode" and args.prompt:
         parser.error("--prompt is for single token files; a decode job decodes each song from its codes alone")
