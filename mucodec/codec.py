@@ -128,6 +128,8 @@ class MuCodec:
         self.muq = muq.eval().to(self.device) if muq is not None else None
         self.quantizer = quantizer.eval().to(self.device)
         self.flow = flow.eval().to(home) if flow is not None else None
+        if self.flow is not None and self._autocasts():
+            self.flow.estimator.store_linears_in(dtype)
         self.vae = vae.eval().to(home) if vae is not None else None
         self.vocoder = vocoder.eval().to(home) if vocoder is not None else None
         self._audioldm_path = audioldm_path
@@ -417,8 +419,11 @@ class MuCodec:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def _autocasts(self) -> bool:
+        return self.dtype != torch.float32 and self.device.type in ("cuda", "cpu")
+
     def _autocast(self):
-        if self.dtype != torch.float32 and self.device.type in ("cuda", "cpu"):
+        if self._autocasts():
             return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
