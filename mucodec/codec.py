@@ -115,10 +115,13 @@ class MuCodec:
 
     def __init__(self, muq, quantizer, flow=None, vae=None, vocoder=None, *,
                  config: CodecConfig | None = None, device="cpu", dtype=torch.float32,
-                 audioldm_path=None, progress=False, offload=False):
+                 audioldm_path=None, progress=False, offload=False, audioldm_dtype=torch.float32):
         self.config = config or CodecConfig()
         self.device = torch.device(device)
         self.dtype = dtype
+        # the VAE and vocoder (the AudioLDM file) decode in float32 unless asked: reduced precision makes them
+        # 1.5-1.8x faster on a CPU with native bf16 but moves the audio 3x as far as a bf16 DiT does (README)
+        self.audioldm_dtype = audioldm_dtype
         self.progress = progress
         # offload: the flow decoder, VAE and vocoder wait in CPU memory and visit the device only while they
         # run, so the device holds one stage's weights at a time (what lets a decode fit a small GPU)
@@ -156,7 +159,7 @@ class MuCodec:
     def from_pretrained(cls, path_or_repo: str | os.PathLike | None = None, device: str | None = None,
                         dtype: torch.dtype = torch.float32, encoder_only: bool = False, layer: int | None = None,
                         progress: bool = False, revision: str | None = None, decoder_only: bool = False,
-                        offload: bool = False) -> "MuCodec":
+                        offload: bool = False, audioldm_dtype: torch.dtype = torch.float32) -> "MuCodec":
         """Load the official checkpoints.
 
         ``path_or_repo``: a folder laid out like the official release (``tools/audioldm_48k.pth``,
@@ -165,6 +168,7 @@ class MuCodec:
         ``encoder_only`` loads MuQ and the quantizer only (no DiT, VAE or vocoder weights are read);
         ``decoder_only`` everything but MuQ (decoding a token library; no prompts, which need the encoder).
         ``offload`` keeps the decoder's stages in CPU memory except while each runs on the device.
+        ``dtype``: precision of the flow decoder's DiT (autocast); ``audioldm_dtype``: of the VAE and vocoder.
         ``layer``: MuQ hidden state the codes are taken from (the official checkpoint was trained on 6).
         How each stage is read from the files is the table ``checkpoint.STAGES``.
         """
@@ -185,7 +189,7 @@ class MuCodec:
         m = ckpts.load(stages)
         codec = cls(m.get("muq"), m["quantizer"], m.get("flow"), m.get("vae"), m.get("vocoder"), config=config,
                     device=device, dtype=dtype, audioldm_path=files.get("audioldm"), progress=progress,
-                    offload=offload)
+                    offload=offload, audioldm_dtype=audioldm_dtype)
         codec._sources = ckpts.sources(stages)
         return codec
 
@@ -398,10 +402,11 @@ class MuCodec:
         ``num_samples``: only that many leading samples are wanted (:meth:`HiFiGAN.vocode`); the VAE
         still decodes every frame, as its attention and group norms see the whole window."""
         b, ch, t, f = latents.shape
-        with self._visiting(self.vae):
-            mel = self.vae.decode(latents.reshape(b * 2, ch // 2, t, f).float())
-        with self._visiting(self.vocoder):
-            wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder, num_samples=num_samples)
+        with self._autocast(self.audioldm_dtype):
+            with self._visiting(self.vae):
+                mel = self.vae.decode(latents.reshape(b * 2, ch // 2, t, f).float())
+            with self._visiting(self.vocoder):
+                wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder, num_samples=num_samples).float()
         self._check_finite(wav, "audioldm", "The VAE and vocoder")
         return wav
 
@@ -419,20 +424,21 @@ class MuCodec:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _autocasts(self) -> bool:
-        return self.dtype != torch.float32 and self.device.type in ("cuda", "cpu")
+    def _autocasts(self, dtype: torch.dtype | None = None) -> bool:
+        return (dtype or self.dtype) != torch.float32 and self.device.type in ("cuda", "cpu")
 
-    def _autocast(self):
-        if self._autocasts():
-            return torch.autocast(self.device.type, dtype=self.dtype)
+    def _autocast(self, dtype: torch.dtype | None = None):
+        """Autocast to ``dtype`` (default: the flow decoder's) where it applies; float32 runs as it is."""
+        if self._autocasts(dtype):
+            return torch.autocast(self.device.type, dtype=dtype or self.dtype)
         return contextlib.nullcontext()
 
     def _check_finite(self, x: torch.Tensor, source: str, stage: str) -> None:
         if not bool(torch.isfinite(x).all()):
             where = self._sources.get(source, f"the {source} checkpoint")
-            hint = (f"run in float32 (this run uses {str(self.dtype).replace('torch.', '')}), or check {where}"
-                    if self.dtype != torch.float32 and source == "flow" else
-                    f"{where} is damaged; download it again")
+            dtype = {"flow": self.dtype, "audioldm": self.audioldm_dtype}.get(source, torch.float32)
+            hint = (f"run in float32 (this run uses {str(dtype).replace('torch.', '')}), or check {where}"
+                    if dtype != torch.float32 else f"{where} is damaged; download it again")
             raise NumericalError(f"{stage} produced NaN or infinite values; {hint}.")
 
     # ------------------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ class FakeCodec(MuCodec):
 
     @classmethod
     def from_pretrained(cls, path_or_repo=None, *, device=None, dtype=torch.float32, encoder_only=False,
-                        revision=None, progress=False, layer=None):
+                        revision=None, progress=False, layer=None, audioldm_dtype=torch.float32):
         cls.built.append(dict(path_or_repo=path_or_repo, device=device, dtype=dtype, encoder_only=encoder_only,
-                              revision=revision, progress=progress))
+                              revision=revision, progress=progress, audioldm_dtype=audioldm_dtype))
         return cls(encoder_only)
 
     def _encode(self, wav, batch_size):
@@ -141,6 +141,8 @@ def test_help_lists_defaults(capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["x.wav", "--dtype", "float16", "--device", "cpu"], "needs a GPU"),
+    (["x.wav", "--audioldm-dtype", "float16", "--device", "cpu"], "--audioldm-dtype float16 needs a GPU"),
+    (["x.wav", "--encode", "--audioldm-dtype", "bfloat16"], "has no effect with --encode"),
     (["x.wav", "--dtype", "int8"], "invalid choice"),
     (["x.wav", "--steps", "0"], "--steps"),
     (["x.wav", "--steps", "100000"], "--steps"),
@@ -237,11 +239,35 @@ def test_bfloat16_on_the_cpu(tmp_path, monkeypatch, capsys, native):
     assert "no native bfloat16" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_the_vae_and_vocoder_precision_is_asked_for(tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(api, "native_bfloat16", lambda device="cpu": native)
+    assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o1", "--device", "cpu", "-q") == 0
+    assert FakeCodec.built[-1]["audioldm_dtype"] == torch.float32 and FakeCodec.built[-1]["dtype"] == torch.float32
+    assert run(tone(tmp_path / "b.wav"), "-o", tmp_path / "o2", "--audioldm-dtype", "bfloat16", "--device", "cpu",
+               "-q") == 0
+    assert FakeCodec.built[-1]["audioldm_dtype"] == torch.bfloat16 and FakeCodec.built[-1]["dtype"] == torch.float32
+    warned = [line for line in capsys.readouterr().err.splitlines() if "no native bfloat16" in line]
+    assert len(warned) == (0 if native else 1) and all("the VAE and vocoder" in w for w in warned)
+
+
 def test_load_model_warns_where_bfloat16_is_emulated(monkeypatch):
     monkeypatch.setattr(api, "native_bfloat16", lambda device="cpu": torch.device(device).type != "cpu")
     with pytest.warns(RuntimeWarning, match="no native bfloat16"):
         api.load_model("somewhere", device="cpu", dtype="bfloat16")
     assert api.precision_warning(torch.float32, "cpu") is None and api.precision_warning("bfloat16", "cuda") is None
+
+
+def test_load_model_takes_the_vae_and_vocoder_precision(monkeypatch):
+    monkeypatch.setattr(api, "native_bfloat16", lambda device="cpu": False)
+    with pytest.raises(ArgumentError, match="audioldm_dtype 'int8' is not supported; use one of float32"):
+        api.load_model("somewhere", device="cpu", audioldm_dtype="int8")
+    with pytest.warns(RuntimeWarning, match="bfloat16 makes the VAE and vocoder several times slower"):
+        first = api.load_model("somewhere", device="cpu", audioldm_dtype="bfloat16")
+    assert FakeCodec.built[-1]["audioldm_dtype"] == torch.bfloat16 and FakeCodec.built[-1]["dtype"] == torch.float32
+    assert api.load_model("somewhere", device="cpu", audioldm_dtype=torch.bfloat16) is first  # same settings
+    api.load_model("somewhere", device="cpu")
+    assert len(FakeCodec.built) == 2 and FakeCodec.built[-1]["audioldm_dtype"] == torch.float32
 
 
 def test_the_bfloat16_probe_answers_on_this_machine():

@@ -26,7 +26,7 @@ import torch
 
 from mucodec import cli, library
 from mucodec.codec import MuCodec
-from mucodec.errors import OutputError
+from mucodec.errors import ArgumentError, OutputError
 from mucodec.library.decode import AudioWriter, SongDecoder, song_seed
 from mucodec.tokens import save_codes
 from test_library import common, make_music
@@ -260,6 +260,32 @@ def test_seed_is_recorded_and_reused_and_settings_are_guarded(tmp_path, cheap, t
     for change in ({"steps": 2}, {"seed": seed + 1}, {"guidance": 2.0}, {"fast_vocoder": False}):
         with pytest.raises(OutputError, match="made differently"):
             decode([songs], out, tiny_ckpt_dir, **change)
+
+
+def test_the_vae_and_vocoder_precision_reaches_the_job_and_its_fingerprint(tmp_path, monkeypatch, tiny_ckpt_dir):
+    seen = []
+
+    def recording(self, latents, fast_vocoder=True, num_samples=None):
+        seen.append(self.audioldm_dtype)
+        return cheap_wave(self, latents, fast_vocoder, num_samples)
+
+    monkeypatch.setattr(MuCodec, "latents_to_wave", recording)
+    songs = npy_songs(tmp_path / "in", 2)
+    plain = decode([songs], tmp_path / "a", tiny_ckpt_dir).report["fingerprint"]
+    # float32 is not written: folders decoded before the option existed still resume
+    assert "audioldm_dtype" not in plain and set(seen) == {torch.float32}
+    seen.clear()
+    reduced = decode([songs], tmp_path / "b", tiny_ckpt_dir, audioldm_dtype=torch.bfloat16).report["fingerprint"]
+    assert reduced["audioldm_dtype"] == "bfloat16" and set(seen) == {torch.bfloat16}
+    assert {k: v for k, v in reduced.items() if k not in ("audioldm_dtype", "seed")} == \
+        {k: v for k, v in plain.items() if k != "seed"}
+    with pytest.raises(OutputError, match="made differently"):
+        decode([songs], tmp_path / "b", tiny_ckpt_dir)  # the recorded seed, float32 now
+    # a loaded codec must run what the fingerprint will say
+    loaded = MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu")
+    with pytest.raises(ArgumentError, match="float32 / float32 .* asks for float32 / bfloat16"):
+        decode([songs], tmp_path / "c", tiny_ckpt_dir, audioldm_dtype=torch.bfloat16, codec=loaded)
+    assert not (tmp_path / "c").exists()
 
 
 def test_nothing_to_decode_writes_nothing(tmp_path, tiny_ckpt_dir):

@@ -182,7 +182,7 @@ def decode_job(codec, ckpt, device, dtype, args):
         for b in [int(x) for x in args.decode_batches.split(",")]:
             r, res = timed(lambda: library.decode_library(
                 [songs], Path(tmp) / f"audio-{b}", ckpt=ckpt, device=str(device), dtype=dtype, steps=args.steps,
-                seed=0, decode_batch=b, workers=0, codec=codec), device)
+                seed=0, decode_batch=b, workers=0, codec=codec, audioldm_dtype=codec.audioldm_dtype), device)
             rep = res.report
             r.update(songs=rep["songs"]["done"], audio_hours=round(rep["hours_decoded"], 4),
                      hours_per_hour=rep["hours_per_hour"], windows=rep["windows"],
@@ -200,6 +200,8 @@ def main(argv=None) -> dict:
                    help="where the synthetic checkpoints are kept (about 6 GB)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="precision of the flow decoder")
+    p.add_argument("--audioldm-dtype", choices=tuple(DTYPES), default="float32",
+                   help="precision of the VAE and vocoder (stages vae, vocoder, window, song, decode)")
     p.add_argument("--stages", default=",".join(ALL_STAGES))
     p.add_argument("--steps", type=int, default=20, help="Euler steps for 'window' and 'song' (official: 20)")
     p.add_argument("--song-seconds", type=float, default=180.0)
@@ -225,7 +227,7 @@ def main(argv=None) -> dict:
     report = dict(machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                                cpu_threads=torch.get_num_threads(), torch=torch.__version__, device=str(device),
                                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
-                  dtype=args.dtype, steps=args.steps, stages={})
+                  dtype=args.dtype, audioldm_dtype=args.audioldm_dtype, steps=args.steps, stages={})
 
     def save():  # whole or not at all: another process may read the file while this one runs
         if args.json:
@@ -243,7 +245,9 @@ def main(argv=None) -> dict:
         if dtype != torch.float32:
             say("gemm_float32", gemm_peak(device, torch.float32, args.gemm_size))
     ckpt = str(synthetic_folder(Path(args.synthetic_dir))) if args.synthetic else args.ckpt
-    r, codec = timed(lambda: MuCodec.from_pretrained(ckpt, device=str(device), dtype=dtype), device)
+    audioldm_dtype = DTYPES[args.audioldm_dtype]
+    r, codec = timed(lambda: MuCodec.from_pretrained(ckpt, device=str(device), dtype=dtype,
+                                                     audioldm_dtype=audioldm_dtype), device)
     if "load" in stages:
         say("load", r)
     codec.progress = False
@@ -279,7 +283,7 @@ def main(argv=None) -> dict:
         z = torch.randn(2, lat[1] // 2, lat[2], lat[3], generator=torch.Generator().manual_seed(1)).to(device)
 
         def vae():
-            with torch.inference_mode():
+            with torch.inference_mode(), codec._autocast(audioldm_dtype):
                 return codec.vae.decode(z)
 
         r, mel = timed(vae, device, args.repeat)
@@ -293,7 +297,7 @@ def main(argv=None) -> dict:
     for name, share in (("vocoder", True), ("vocoder_official", False)):
         if name in stages:
             def voc(share=share):
-                with torch.inference_mode():
+                with torch.inference_mode(), codec._autocast(audioldm_dtype):
                     return codec.vocoder.vocode(mel, share_overlaps=share)
 
             say(name, timed(voc, device, args.repeat)[0])

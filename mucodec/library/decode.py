@@ -467,15 +467,18 @@ class AudioLibrary(Store):
 
 
 def fingerprint(ckpt_files: dict, *, steps: int, guidance: float, seed: int, dtype, device, fast_vocoder: bool,
-                audio_format: str) -> dict:
-    """What decides the audio: the decoder's checkpoint files (by content), this code, and the settings."""
+                audio_format: str, audioldm_dtype=torch.float32) -> dict:
+    """What decides the audio: the decoder's checkpoint files (by content), this code, and the settings.
+    The VAE and vocoder's precision is written only where it is reduced, so folders decoded before it was
+    an option still resume."""
+    reduced = {} if audioldm_dtype == torch.float32 else {"audioldm_dtype": str(audioldm_dtype).replace("torch.", "")}
     return {
         "task": "decode",
         "code_version": DECODE_VERSION,
         "checkpoints": {r: file_sha256(p) for r, p in sorted(ckpt_files.items()) if r in ("mucodec", "audioldm")},
         "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
         "dtype": str(dtype).replace("torch.", ""), "device": torch.device(device).type,
-        "vocoder": "shared-overlaps" if fast_vocoder else "official", "audio_format": audio_format,
+        "vocoder": "shared-overlaps" if fast_vocoder else "official", "audio_format": audio_format, **reduced,
     }
 
 
@@ -495,6 +498,7 @@ class DecodeJob(ModelJob):
     out: str
     audio_format: str
     offload: bool = False
+    audioldm_dtype: torch.dtype = torch.float32
     log: object = None  # a line every minute or so while songs decode (this process only)
     commit_seconds: float = COMMIT_SECONDS
     codec: object = None  # the decoder; None: loaded by the first batcher() (a Ray actor loads its own)
@@ -503,7 +507,7 @@ class DecodeJob(ModelJob):
     read = staticmethod(read_tokens)
 
     def batcher(self) -> SongDecoder:
-        self.model(decoder_only=True, offload=self.offload)
+        self.model(decoder_only=True, offload=self.offload, audioldm_dtype=self.audioldm_dtype)
         opts = self.codec.decode_options(num_steps=self.steps, guidance_scale=self.guidance,
                                          fast_vocoder=self.fast_vocoder)
         lib = AudioLibrary(self.out, self.audio_format)
@@ -550,12 +554,14 @@ class Result:
 def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype=torch.float32, steps=None,
                    guidance=None, seed=None, fast_vocoder=True, audio_format="flac", decode_batch=DEFAULT_BATCH,
                    shard=None, engine="local", address=None, workers=None, retry_errors=False, overwrite=False,
-                   offload=False, codec=None, progress=False, say=lambda msg: None) -> Result:
+                   offload=False, audioldm_dtype=torch.float32, codec=None, progress=False,
+                   say=lambda msg: None) -> Result:
     """Decode the songs under ``inputs`` into one audio file each under ``out`` (see the module docstring).
 
     A job with no songs writes nothing; a finished job run again loads no model; output made with other
     weights or settings is refused (OutputError) unless ``overwrite``; per-song failures become error rows.
     ``codec``: a MuCodec already loaded from ``ckpt`` (local engine), instead of loading one.
+    ``audioldm_dtype``: precision of the VAE and vocoder (default float32; see ``MuCodec.from_pretrained``).
     """
     from .. import api
     from ..checkpoint import DECODER_STAGES, resolve_files, roles_of
@@ -578,6 +584,11 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
                      workers=workers, devices=0, wall=time.perf_counter() - start, fp=None,
                      fields=report_fields(Stats(), 0.0, batch), write=False)
         return Result(rep, problems)
+    if codec is not None and (codec.dtype, codec.audioldm_dtype) != (dtype, audioldm_dtype):
+        has, asked = (" / ".join(str(d).replace("torch.", "") for d in pair)
+                      for pair in ((codec.dtype, codec.audioldm_dtype), (dtype, audioldm_dtype)))
+        raise ArgumentError(f"The codec passed in runs in {has} (DiT / VAE and vocoder) but the job asks for {asked}, "
+                            "which its fingerprint would record; pass the codec's precisions, or no codec.")
     ckpt = ckpt if ckpt is not None else api.default_checkpoint()
     files = resolve_files(ckpt, roles_of(DECODER_STAGES), revision)
     if engine == "ray":
@@ -587,14 +598,14 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
         old = None if overwrite else lib.read_fingerprint()
         seed = old["seed"] if old and old.get("task") == "decode" else secrets.randbits(63)
     fp = fingerprint(files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
-                     fast_vocoder=fast_vocoder, audio_format=audio_format)
+                     fast_vocoder=fast_vocoder, audio_format=audio_format, audioldm_dtype=audioldm_dtype)
     fp[MACHINES] = [machine(device, engine)]
     lib.prepare(job_songs, fp, overwrite, say)
     plan = plan_run(lib, job_songs, retry_errors)
     say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "
         f"{len(plan.todo)} to decode (seed {seed})" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
     job = DecodeJob(str(ckpt), revision, device, dtype, steps, guidance, seed, fast_vocoder, batch, str(out),
-                    audio_format, offload, log=None if progress else say, codec=codec)
+                    audio_format, offload, audioldm_dtype, log=None if progress else say, codec=codec)
     if engine == "ray":
         stats, devices = ray_engine.run(job, lib, plan.todo, workers=workers, progress=progress,
                                         extra_errors=planned_errors)
