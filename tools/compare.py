@@ -6,6 +6,8 @@
 OFFICIAL_TIMINGS.json is what the reference harness's timing script writes for the official code
 (stages ``sound2code_40.96s``, ``dit_cfg_forward``, ``vae_decode_window``, ``vocoder_chunk_infer``);
 each BENCH.json is a ``tools/bench.py --json`` file (run the vocoder with the same ``--vocoder-frames``).
+A row's precision is the run's ``--dtype`` for the encoder and DiT and its ``--audioldm-dtype`` for the VAE and
+vocoder; one composed window is printed per pair of those measured.
 Prints a Markdown table, one row per stage and precision (memory used = peak RSS while the stage ran
 minus RSS before it; a stage that first touches lazily loaded weights counts them), and one 40.96 s
 window at ``--steps`` steps composed from the stages (steps x DiT step + VAE + vocoder of a full window; vocoder times of shorter
@@ -25,6 +27,7 @@ from mucodec.codec import CodecConfig  # noqa: E402
 from mucodec.vae import VAEConfig  # noqa: E402
 from mucodec.vocoder import VocoderConfig  # noqa: E402
 
+AUDIOLDM_STAGES = ("vae", "vocoder", "vocoder_official")
 FULL_FRAMES = CodecConfig().window_latents * VAEConfig().downsampling  # mel frames of one window (4096)
 PAIRS = [  # (bench stage, official item, label)
     ("sound2code", "sound2code_40.96s", "`sound2code`, 40.96 s stereo clip"),
@@ -33,6 +36,11 @@ PAIRS = [  # (bench stage, official item, label)
     ("vocoder_official", "vocoder_chunk_infer", "vocoder, {frames} frames, official chunks"),
     ("vocoder", "vocoder_chunk_infer", "vocoder, {frames} frames, shared overlaps (default)"),
 ]
+
+
+def precision(run: dict, stage: str) -> str:
+    """The precision a bench run measured ``stage`` in (files from before --audioldm-dtype ran it in float32)."""
+    return run.get("audioldm_dtype", "float32") if stage in AUDIOLDM_STAGES else run["dtype"]
 
 
 def main(argv=None) -> str:
@@ -48,8 +56,8 @@ def main(argv=None) -> str:
     frames = wav_shape[-1] // VocoderConfig().hop_length if wav_shape else None
     rows = ["| stage | this repo in | official, float32 (s) | this repo (s) | speed-up | memory used official / this repo (GiB) |",
             "| --- | --- | --- | --- | --- | --- |"]
-    # (stage, dtype) -> result; a later file replaces an earlier one's measurement of the same stage
-    results = {(stage, run["dtype"]): r for run in runs for stage, r in run["stages"].items()}
+    # (stage, precision) -> result; a later file replaces an earlier one's measurement of the same stage
+    results = {(stage, precision(run, stage)): r for run in runs for stage, r in run["stages"].items()}
     dtypes = sorted({d for _, d in results}, key=lambda d: d != "float32")
     for stage, item, label in PAIRS:
         if item not in ref:
@@ -72,14 +80,16 @@ def main(argv=None) -> str:
             ref["vocoder_chunk_infer"].get("extrapolated_full_window_s", ref["vocoder_chunk_infer"]["seconds"])
         lines = [f"One 40.96 s window at {args.steps} steps, composed: official float32 {o_win:.0f} s"]
         scale = FULL_FRAMES / frames if frames else 1.0
-        for dtype in dtypes:
-            dit = results.get(("dit_step", dtype))
-            vae = results.get(("vae", dtype), results.get(("vae", "float32")))
-            voc = results.get(("vocoder", dtype), results.get(("vocoder", "float32")))
-            if None in (dit, vae, voc):
-                continue
-            ours = args.steps * dit["seconds"] + vae["seconds"] + voc["seconds"] * scale
-            lines.append(f"this repo with the DiT in {dtype} {ours:.0f} s ({o_win / ours:.2f}x)")
+        for dit_dtype in dtypes:
+            for audioldm_dtype in dtypes:
+                dit = results.get(("dit_step", dit_dtype))
+                vae, voc = results.get(("vae", audioldm_dtype)), results.get(("vocoder", audioldm_dtype))
+                if None in (dit, vae, voc):
+                    continue
+                ours = args.steps * dit["seconds"] + vae["seconds"] + voc["seconds"] * scale
+                lines.append(f"this repo with the DiT in {dit_dtype}" +
+                             (f" and the VAE and vocoder in {audioldm_dtype}" if audioldm_dtype != "float32" else "") +
+                             f" {ours:.0f} s ({o_win / ours:.2f}x)")
         out += "\n\n" + "; ".join(lines) + "."
     print(out)
     return out
