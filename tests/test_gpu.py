@@ -52,6 +52,16 @@ def test_reduced_precision_decode_stays_close_to_float32(tiny_ckpt_dir, gpu_code
     assert torch.isfinite(out).all() and rel(out, ref) < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_vae_and_vocoder_stay_close_to_float32(tiny_ckpt_dir, gpu_codec, codes, dtype):
+    from mucodec.codec import MuCodec
+
+    half = MuCodec.from_pretrained(tiny_ckpt_dir, device="cuda", audioldm_dtype=dtype)
+    ref = gpu_codec.code2sound(codes, num_steps=2, seed=SEED)
+    out = half.code2sound(codes, num_steps=2, seed=SEED)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and 0 < rel(out, ref) < 0.05
+
+
 def test_the_euler_loop_never_waits_for_the_gpu(gpu_codec):
     """No host synchronisation inside the step loop: the GPU can run ahead of Python."""
     flow = gpu_codec.flow

@@ -43,7 +43,8 @@ def read(out: Path, name: str) -> dict:
 
 def test_the_cpu_run_writes_every_step(tiny_run):
     summary = read(tiny_run, "summary.json")
-    assert summary["status"] == "ok" and list(summary["steps"]) == ["tests", "weights", "bfloat16", "float16"]
+    assert summary["status"] == "ok" and list(summary["steps"]) == [
+        "tests", "weights", "bfloat16", "audioldm-bfloat16", "audioldm-float16", "float16"]
     for name, step in summary["steps"].items():
         assert step["status"] == "ok" and step["seconds"] >= 0, name
         if "log" in step:
@@ -57,7 +58,12 @@ def test_the_cpu_run_writes_every_step(tiny_run):
     assert bf16["dtype"] == "bfloat16" and set(bf16["stages"]) == {"gemm", "gemm_float32", "dit_step"}
     assert fp16["dtype"] == "float16" and set(fp16["stages"]) == {
         "gemm", "gemm_float32", "load", "sound2code", "dit_step", "vae", "vocoder", "song", "decode_b1"}
-    for report, name in ((bf16, "bfloat16"), (fp16, "float16")):
+    halves = [read(tiny_run, f"bench-audioldm-{d}.json") for d in ("bfloat16", "float16")]
+    for report, dtype in zip(halves, ("bfloat16", "float16")):
+        assert report["audioldm_dtype"] == dtype and set(report["stages"]) == {"vae", "vocoder"}
+    assert fp16["audioldm_dtype"] == "float32"
+    for report, name in ((bf16, "bfloat16"), (halves[0], "audioldm-bfloat16"), (halves[1], "audioldm-float16"),
+                         (fp16, "float16")):
         assert summary["steps"][name]["stages"] == report["stages"]
         for stage, r in report["stages"].items():
             assert math.isfinite(r["seconds"]) and r["seconds"] > 0, stage

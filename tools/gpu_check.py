@@ -14,6 +14,8 @@ what it measured:
 
     tests.json, tests.xml   pytest tests/test_gpu.py: counts and the names of failures
     bench-bfloat16.json     tools/bench.py: gemm and dit_step with the DiT in bfloat16
+    bench-audioldm-bfloat16.json, bench-audioldm-float16.json
+                            vae and vocoder with --audioldm-dtype bfloat16 and float16
     bench-float16.json      tools/bench.py with the DiT in float16 (the CUDA default): gemm, load, sound2code,
                             dit_step, vae, vocoder; song (a 3-minute song at 20 steps: real-time factor,
                             peak CUDA memory); decode_b1, decode_b8 (the decode job, 8 one-minute songs)
@@ -48,6 +50,9 @@ NEEDED = {"numpy": "numpy", "torchaudio": "torchaudio", "soundfile": "soundfile"
 # time limit loses only the end of the decode stage, which comes last.
 BENCH = {
     "bfloat16": ["--dtype", "bfloat16", "--stages", "gemm,dit_step"],
+    # the VAE and vocoder in half precision (--audioldm-dtype), never yet timed on a GPU
+    "audioldm-bfloat16": ["--dtype", "bfloat16", "--audioldm-dtype", "bfloat16", "--stages", "vae,vocoder"],
+    "audioldm-float16": ["--dtype", "float16", "--audioldm-dtype", "float16", "--stages", "vae,vocoder"],
     # one-minute songs (2 windows each) keep the decode stage near a minute while still filling a batch of 8
     "float16": ["--dtype", "float16", "--stages", "gemm,load,sound2code,dit_step,vae,vocoder,song,decode",
                 "--song-seconds", "180", "--steps", "20",
