@@ -85,8 +85,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "CPUs without it, which get a warning (default: auto)")
     p.add_argument("--audioldm-dtype", choices=tuple(api.DTYPES), default="float32",
                    help="precision of the VAE and vocoder (autocast), which turn the flow's latents into audio. "
-                        "bfloat16 makes them 1.5-1.8x faster on CPUs with native bfloat16 but moves the audio about "
-                        "1.6 %% (3x as far as a bfloat16 DiT does); float16 needs a GPU (default: float32)")
+                        "bfloat16 makes them 1.5-1.9x faster on CPUs with native bfloat16 but moves the audio about "
+                        "2.4 %% (4.5x as far as a bfloat16 DiT does); float16 needs a GPU (default: float32)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
                    help="40.96 s chunks encoded at once; lower it if memory runs out "
                         f"(default: {_DEFAULTS.encoder_batch_size})")

@@ -209,7 +209,7 @@ def test_prompt_starts_the_first_window(tiny_codec, recorder):
 
 def test_reduced_precision_vae_and_vocoder(tiny_ckpt_dir):
     """audioldm_dtype runs the VAE and vocoder's convolutions under autocast and nothing else: the DiT keeps
-    its float32 weights, the audio stays float32 and moves a little (measured on the full-size models: 1.6 %)."""
+    its float32 weights, the audio stays float32 and moves a little (measured on the full-size models: 2.4 %)."""
     codes = torch.randint(0, 16384, (1, 1, 60), generator=torch.Generator().manual_seed(0))
     exact = MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu")
     reduced = MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu", audioldm_dtype=torch.bfloat16)
