@@ -75,6 +75,12 @@ def precision_warning(dtype, device: str | torch.device = "cpu", stage: str = "t
             "several times slower than float32 here (the DiT 7x); use float32, the default on CPUs.")
 
 
+def precision_warnings(dtype, audioldm_dtype, device: str | torch.device = "cpu") -> list[str]:
+    """:func:`precision_warning` for both precisions a decoder has: the flow decoder's and the VAE and vocoder's."""
+    stages = ((dtype, "the flow decoder"), (audioldm_dtype, "the VAE and vocoder"))
+    return [w for d, stage in stages if (w := precision_warning(d, device, stage))]
+
+
 def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "auto", dtype="auto",
                encoder_only: bool = False, revision: str | None = None, progress: bool = True,
                audioldm_dtype=None) -> MuCodec:
@@ -98,10 +104,8 @@ def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "a
     if _current is not None and _current[0] == settings:
         return _current[1]
     _current = None  # let the old model go before the new one is built (each is several GB)
-    for dt, stage in ((settings[2], "the flow decoder"), (settings[5], "the VAE and vocoder")):
-        slow = None if encoder_only else precision_warning(dt, device, stage)
-        if slow:
-            warnings.warn(slow, RuntimeWarning, stacklevel=2)
+    for slow in [] if encoder_only else precision_warnings(settings[2], settings[5], device):
+        warnings.warn(slow, RuntimeWarning, stacklevel=2)
     model = MuCodec.from_pretrained(settings[0], device=settings[1], dtype=settings[2], encoder_only=settings[3],
                                     revision=revision, progress=progress, audioldm_dtype=settings[5])
     _current = (settings, model)

@@ -168,10 +168,9 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     except ArgumentError as e:
         parser.error(str(e))
     args.dtype = str(api.pick_dtype(args.dtype, args.device)).replace("torch.", "")
-    if args.device.split(":")[0] == "cpu" and args.dtype == "float16":
-        parser.error("--dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
-    if args.device.split(":")[0] == "cpu" and args.audioldm_dtype == "float16":
-        parser.error("--audioldm-dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
+    for flag, dtype in (("--dtype", args.dtype), ("--audioldm-dtype", args.audioldm_dtype)):
+        if args.device.split(":")[0] == "cpu" and dtype == "float16":
+            parser.error(f"{flag} float16 needs a GPU; use bfloat16 or float32 on the CPU")
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         parser.error(f"-o {args.output} is a file; it must name a folder")
     encode_flags = [name for name, on in (("--format", args.format != "auto"),
@@ -401,10 +400,8 @@ def _main(argv, prog) -> int:
             tqdm.write(msg, file=sys.stderr)
 
     progress = not args.quiet and sys.stderr.isatty()
-    for dtype, stage in ((args.dtype, "the flow decoder"), (args.audioldm_dtype, "the VAE and vocoder")):
-        slow = api.precision_warning(dtype, args.device, stage)
-        if slow and not args.encode:  # neither precision reaches the encoder
-            say(f"warning: {slow}")
+    for slow in [] if args.encode else api.precision_warnings(args.dtype, args.audioldm_dtype, args.device):
+        say(f"warning: {slow}")  # (neither precision reaches the encoder)
     mode = _library_mode(args)
     if mode == "decode" and args.prompt:
         parser.error("--prompt is for single token files; a decode job decodes each song from its codes alone")
