@@ -123,10 +123,14 @@ class Res2dModule(nn.Module):
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``; with one input channel as one matrix product over the 3x3 patches.
+    """``conv(x)``; with one input channel as one matrix product over the 3x3 patches, channels-last.
 
     oneDNN's direct convolution of the single mel channel runs at 4-6 GFLOP/s (0.8 s of each 3-window
     encoder batch on a 2-core Zen 5 CPU, twice per batch); the patch product took 0.3 s there, with the same bits.
+    Its output is laid out channels-last, so the 512-channel convolutions after it run channels-last too: oneDNN
+    then skips reordering the 0.8 GB activations to its blocked layout and back, and its stride-2 kernel runs at
+    340 instead of 220 GFLOP/s (a 3-minute encode took 24 s instead of 32 s, with 0.7 GB less peak memory, and
+    the same codes: those convolutions only sum in another order, and the golden MuQ tests hold unchanged).
     """
     if conv.in_channels != 1 or x.device.type != "cpu":
         return conv(x)
@@ -134,9 +138,9 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
     patches = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # (B, kh*kw, L)
-    weight = conv.weight.reshape(1, conv.out_channels, kh * kw).expand(b, -1, -1)
-    out = torch.baddbmm(conv.bias.reshape(1, -1, 1), weight, patches)
-    return out.view(b, conv.out_channels, out_h, out_w)
+    weight = conv.weight.reshape(1, conv.out_channels, kh * kw).transpose(1, 2).expand(b, -1, -1)
+    out = torch.baddbmm(conv.bias.reshape(1, 1, -1), patches.transpose(1, 2), weight)  # (B, L, C)
+    return out.view(b, out_h, out_w, conv.out_channels).permute(0, 3, 1, 2)
 
 
 class Conv2dSubsampling(nn.Module):

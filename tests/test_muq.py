@@ -165,6 +165,8 @@ def test_single_channel_convolution_as_a_patch_product(stride):
     with torch.no_grad():
         out = conv2d(conv, x)
         torch.testing.assert_close(out, conv(x), atol=1e-6, rtol=0)
+        # the layout the following 512-channel convolutions run fastest in, and keep
+        assert out.is_contiguous(memory_format=torch.channels_last)
         many = torch.nn.Conv2d(3, 6, 3, padding=1, stride=stride)
         y = torch.randn(2, 3, 13, 21)
         assert torch.equal(conv2d(many, y), many(y))
