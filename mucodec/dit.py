@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import Linear
+
 
 @dataclass
 class DiTConfig:
@@ -110,8 +112,8 @@ class TimestepMLP(nn.Module):
 
     def __init__(self, in_features: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_features, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_features, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -145,7 +147,7 @@ class AdaLNSingle(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.emb = FlowTimestepEmbedding(cfg)
-        self.linear = nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size)
+        self.linear = Linear(cfg.hidden_size, 6 * cfg.hidden_size)
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype):
         embedded = self.emb(t, dtype)
@@ -160,10 +162,10 @@ class SelfAttention(nn.Module):
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
         self.cpu_queries = cfg.cpu_attention_queries
-        self.to_q = nn.Linear(d, d)
-        self.to_k = nn.Linear(d, d)
-        self.to_v = nn.Linear(d, d)
-        self.to_out = nn.ModuleList([nn.Linear(d, d)])   # diffusers' [Linear, Dropout] -> name 'to_out.0'
+        self.to_q = Linear(d, d)
+        self.to_k = Linear(d, d)
+        self.to_v = Linear(d, d)
+        self.to_out = nn.ModuleList([Linear(d, d)])   # diffusers' [Linear, Dropout] -> name 'to_out.0'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -205,7 +207,7 @@ class GeluTanhProj(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner)
+        self.proj = Linear(dim, inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.proj(x), approximate="tanh")
@@ -218,7 +220,7 @@ class FeedForward(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         # Keys follow diffusers' [GELU, Dropout, Linear] list: 'net.0.proj', 'net.2'.
-        self.net = nn.ModuleDict({"0": GeluTanhProj(d, cfg.ff_mult * d), "2": nn.Linear(cfg.ff_mult * d, d)})
+        self.net = nn.ModuleDict({"0": GeluTanhProj(d, cfg.ff_mult * d), "2": Linear(cfg.ff_mult * d, d)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net["2"](self.net["0"](x))
@@ -260,7 +262,7 @@ class DiT(nn.Module):
         self.pos_embed = PatchEmbed(cfg)
         self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d ** 0.5)
-        self.proj_out = nn.Linear(d, cfg.patch_size ** 2 * cfg.out_channels)
+        self.proj_out = Linear(d, cfg.patch_size ** 2 * cfg.out_channels)
         self.adaln_single = AdaLNSingle(cfg)
         self.requires_grad_(False)  # inference only: never build an autograd graph
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .dit import DiT, DiTConfig
+from .kernels import Linear
 
 
 @dataclass
@@ -77,7 +78,7 @@ class FlowDecoder(nn.Module):
         if cfg.dit.in_channels != 3 * cfg.latent_channels or cfg.dit.out_channels != cfg.latent_channels:
             raise ValueError(f"DiT must map {3 * cfg.latent_channels} to {cfg.latent_channels} channels")
         self.normfeat = NormFeat(cfg.latent_channels, cfg.freq_bins)
-        self.cond_muencoder_emb = nn.Linear(cfg.cond_dim, cfg.cond_features)
+        self.cond_muencoder_emb = Linear(cfg.cond_dim, cfg.cond_features)
         # Condition of frames past latent_length (the CFG unconditional branch uses zeros instead).
         self.zero_cond_embedding1 = nn.Parameter(torch.randn(cfg.latent_channels * cfg.freq_bins))
         self.estimator = DiT(cfg.dit)

@@ -21,6 +21,7 @@ from torch import nn
 
 from mucodec.audio import MelSpectrogramDB
 from mucodec.errors import CheckpointError
+from mucodec.kernels import Linear, linear
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Conv2dSubsampling(nn.Module):
             Res2dModule(1, cfg.conv_dim, (2, s0), cfg.norm_eps),
             Res2dModule(cfg.conv_dim, cfg.conv_dim, (2, s1), cfg.norm_eps),
         )
-        self.linear = nn.Linear(cfg.conv_dim * cfg.n_mels // 4, cfg.encoder_dim)
+        self.linear = Linear(cfg.conv_dim * cfg.n_mels // 4, cfg.encoder_dim)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, T) -> (B, T', encoder_dim), features ordered (channel, freq)."""
@@ -166,8 +167,8 @@ class Conv2dSubsampling(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.intermediate_dense = nn.Linear(dim, hidden)
-        self.output_dense = nn.Linear(hidden, dim)
+        self.intermediate_dense = Linear(dim, hidden)
+        self.output_dense = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_dense(F.silu(self.intermediate_dense(x)))
@@ -183,10 +184,10 @@ class RotarySelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.linear_q = nn.Linear(dim, dim)
-        self.linear_k = nn.Linear(dim, dim)
-        self.linear_v = nn.Linear(dim, dim)
-        self.linear_out = nn.Linear(dim, dim)
+        self.linear_q = Linear(dim, dim)
+        self.linear_k = Linear(dim, dim)
+        self.linear_v = Linear(dim, dim)
+        self.linear_out = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (B, T, D), cos/sin (T, 1, head_dim) -> (B, T, D)."""
@@ -217,10 +218,10 @@ class ConvolutionModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D)."""
         # The 1x1 convolutions are run as matmuls on (B, T, C) to avoid transposing twice.
-        x = F.glu(F.linear(self.layer_norm(x), self.pointwise_conv1.weight[:, :, 0]), dim=-1)
+        x = F.glu(linear(self.layer_norm(x), self.pointwise_conv1.weight[:, :, 0]), dim=-1)
         x = self.depthwise_conv(x.transpose(1, 2))
         x = F.silu(self.batch_norm(x)).transpose(1, 2)
-        return F.linear(x, self.pointwise_conv2.weight[:, :, 0])
+        return linear(x, self.pointwise_conv2.weight[:, :, 0])
 
 
 class ConformerLayer(nn.Module):

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import linear
+
 
 @dataclass
 class VAEConfig:
@@ -124,7 +126,7 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def _linear(self, conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, conv.weight.flatten(1), conv.bias)
+        return linear(h, conv.weight.flatten(1), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = x.shape

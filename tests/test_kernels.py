@@ -1,0 +1,98 @@
+"""The shared matrix-product kernel (mucodec/kernels.py): oneDNN for float32 on the CPU, F.linear otherwise."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mucodec.kernels as kernels
+from mucodec.dit import DiT, DiTConfig
+from mucodec.kernels import Linear, linear
+from mucodec.muq import MuQConfig, MuQEncoder
+
+needs_onednn = pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("shape, bias", [((7, 24), True), ((2, 5, 24), False), ((3, 1, 24), True)])
+def test_linear_computes_f_linear(shape, bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(40, 24)
+    b = torch.randn(40) if bias else None
+    out = linear(x, w, b)
+    assert out.shape == shape[:-1] + (40,) and out.dtype == torch.float32
+    # float32 sums of 24 products of unit-scale numbers, in another order: a few ulps of ~5
+    torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    # a transposed (non-contiguous) input gives the same numbers as its contiguous copy
+    xt = torch.randn(24, 9).t()
+    assert torch.equal(linear(xt, w, b), linear(xt.contiguous(), w, b))
+
+
+def test_linear_module_keeps_the_state_dict_of_nn_linear():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(6, 4)
+    ours = Linear(6, 4)
+    ours.load_state_dict(plain.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias"] and isinstance(ours, torch.nn.Linear)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(ours(x), plain(x), atol=1e-6, rtol=1e-6)
+
+
+@needs_onednn
+def test_float32_on_the_cpu_runs_through_onednn_and_autocast_does_not(monkeypatch):
+    calls = []
+    real = kernels._ONEDNN_LINEAR
+
+    def spy(*args):
+        calls.append(args[0].dtype)
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", spy)
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    linear(x, w)
+    assert calls == [torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, w)
+    assert out.dtype == torch.bfloat16 and len(calls) == 1  # autocast's own bf16 product
+    linear(x.double(), w.double())
+    assert len(calls) == 1
+
+
+@needs_onednn
+def test_a_window_gives_the_same_bits_alone_and_batched():
+    """Windows are encoded and decoded in batches whose size must not change a window's numbers: rows of one
+    product at the encoder's window size (1024 frames x 1024 features) equal the window's own product."""
+    torch.manual_seed(0)
+    t, d = 1024, 1024
+    x, w, b = torch.randn(3 * t, d), torch.randn(d, d) * 0.03, torch.randn(d)
+    batched = linear(x, w, b)
+    for i in range(3):
+        assert torch.equal(linear(x[i * t:(i + 1) * t].clone(), w, b), batched[i * t:(i + 1) * t])
+
+
+@needs_onednn
+def test_the_encoder_and_the_dit_use_it(monkeypatch):
+    calls = []
+    real = kernels._ONEDNN_LINEAR
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", lambda *a: calls.append(a[1].shape) or real(*a))
+    torch.manual_seed(0)
+    cfg = MuQConfig(n_fft=256, n_mels=16, conv_dim=8, encoder_dim=64, encoder_depth=3, num_attention_heads=4,
+                    intermediate_size=96, conv_depthwise_kernel_size=7)
+    with torch.inference_mode():
+        MuQEncoder(cfg, num_layers=2)(torch.randn(1, 5 * 960))
+    # the front end's projection, then per layer 2 x 2 feed-forward + 4 attention + 2 pointwise products
+    assert len(calls) == 1 + 2 * 10
+    calls.clear()
+    dit = DiT(DiTConfig(num_layers=2, num_heads=2, head_dim=8, flow_t_size=16, sample_size=16))
+    with torch.inference_mode():
+        dit(torch.randn(1, 96, 8, 4), torch.tensor([0.5]))
+    # timestep MLP (2) + adaLN (1), per block 4 attention + 2 feed-forward, the output projection
+    assert len(calls) == 3 + 2 * 6 + 1
+
+
+@needs_onednn
+def test_the_benchmark_counts_the_onednn_products():
+    """tools/bench.py's GFLOP/s would read half of the truth if the counter took oneDNN's linear as free."""
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "bench.py"), run_name="bench")
+    x, w = torch.randn(2, 5, 64), torch.randn(32, 64)
+    assert bench["flops_of"](lambda: linear(x, w)) == 2 * (2 * 5) * 64 * 32
