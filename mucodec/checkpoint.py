@@ -383,8 +383,9 @@ class skip_init:
 # Generous upper bounds: a size past them cannot be a real model and would allocate without limit.
 INT_LIMIT = 1 << 16
 INT_LIMITS = {"sample_rate": 1_000_000, "sampling_rate": 1_000_000, "encoder_window": 1 << 28,
-              "codebook_size": 1 << 24, "encoder_depth": 1024, "num_layers": 1024, "num_res_blocks": 64}
-CAN_BE_ZERO = {"encoder_window_extra"}
+              "codebook_size": 1 << 24, "encoder_depth": 1024, "num_layers": 1024, "num_res_blocks": 64,
+              "cpu_attention_block": 1 << 30}
+CAN_BE_ZERO = {"encoder_window_extra", "cpu_attention_block"}
 FLOAT_LIMIT = 1e9
 SEQUENCE_LIMIT = 16
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import Linear
+from . import kernels
+from .kernels import Linear, linear
 
 
 @dataclass
@@ -36,9 +37,10 @@ class DiTConfig:
     flow_t_size: int = 512           # width of the timestep sinusoid (cos half, then sin half)
     timestep_scale: float = 1000.0   # flow time t in [0, 1] is embedded as t * 1000
     max_period: float = 10000.0      # of both sinusoids (timestep and 2-D positions)
-    # Reduced-precision attention on the CPU runs as explicit products, one head and this many queries
-    # at a time (an 8 MiB bf16 score block at 4096 tokens); 0 keeps torch's fused kernel there too.
-    cpu_attention_queries: int = 1024
+    # On the CPU attention runs as explicit products, one head and one block of queries at a time, whose
+    # scores take at most this many bytes: 512 float32 or 1024 bf16 queries at 4096 tokens (8 MiB was the
+    # fastest block in both precisions, twice as large was 1.6x slower); 0 keeps torch's fused kernel.
+    cpu_attention_block: int = 8 << 20
 
     @property
     def hidden_size(self) -> int:
@@ -161,7 +163,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.cpu_queries = cfg.cpu_attention_queries
+        self.cpu_block = cfg.cpu_attention_block
         self.to_q = Linear(d, d)
         self.to_k = Linear(d, d)
         self.to_v = Linear(d, d)
@@ -174,8 +176,9 @@ class SelfAttention(nn.Module):
             return y.view(b, n, self.num_heads, -1).transpose(1, 2)
 
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
-        if self.cpu_queries and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            o = chunked_attention(q, k, v, self.cpu_queries)
+        if self.cpu_block and q.device.type == "cpu" and (
+                q.dtype == torch.bfloat16 or q.dtype == torch.float32 and kernels.onednn_float32()):
+            o = chunked_attention(q, k, v, max(1, self.cpu_block // (n * q.element_size())))
         else:
             o = F.scaled_dot_product_attention(q, k, v)
         return self.to_out[0](o.transpose(1, 2).reshape(b, n, d))
@@ -184,21 +187,22 @@ class SelfAttention(nn.Module):
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v for (B, H, N, d) tensors, one head and ``queries`` rows at a time.
 
-    torch's CPU flash kernel runs bfloat16 no faster than float32 (about 170 GFLOP/s at head size 72),
-    whereas two plain bf16 matrix products around a softmax run at 2.5x that on a CPU with native bf16:
-    the score block stays small enough to be reused from cache. torch's softmax keeps its max and sum in
-    float32 for bf16 input; the probabilities are rounded to bf16 for the second product.
+    torch's CPU flash kernel runs at about 170 GFLOP/s at head size 72 in float32 and bfloat16 alike,
+    whereas two plain products around a softmax run at 1.4x that in float32 (through oneDNN) and 2.5x in
+    bf16 on a CPU with native bf16: the score block stays small enough to be reused from cache. torch's
+    softmax keeps its max and sum in float32 for bf16 input; the probabilities are rounded to bf16 for
+    the second product. Each head is copied out contiguous first: oneDNN reads strided operands slowly.
     """
     out = torch.empty_like(q)
     q = q * q.shape[-1] ** -0.5
-    kt = k.transpose(-1, -2)
     # autocast would run the softmax in float32 and cast the probabilities back for every block
     with torch.autocast("cpu", enabled=False):
         for i in range(q.shape[0]):
             for h in range(q.shape[1]):
+                qh, kh, vt = q[i, h].contiguous(), k[i, h].contiguous(), v[i, h].t().contiguous()
                 for s in range(0, q.shape[2], queries):
-                    scores = torch.matmul(q[i, h, s:s + queries], kt[i, h])
-                    torch.matmul(torch.softmax(scores, -1), v[i, h], out=out[i, h, s:s + queries])
+                    scores = linear(qh[s:s + queries], kh)
+                    out[i, h, s:s + queries] = linear(torch.softmax(scores, -1), vt)
     return out
 
 

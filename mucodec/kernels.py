@@ -26,13 +26,19 @@ def _onednn_linear():
 _ONEDNN_LINEAR = _onednn_linear()
 
 
+def onednn_float32() -> bool:
+    """Whether :func:`linear` runs float32 CPU products through oneDNN in this torch build."""
+    return _ONEDNN_LINEAR is not None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: (..., in) -> (..., out); float32 on the CPU through oneDNN.
 
     Under autocast, on other devices and in other precisions it is ``F.linear`` itself."""
     if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        # a weight with strided rows sends oneDNN to a reference kernel, a thousand times slower
+        return _ONEDNN_LINEAR(x, weight.contiguous(), bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from helpers import entries, golden, max_err
 import mucodec.dit
+from mucodec import kernels
 from mucodec.dit import DiT, DiTConfig, FlowTimestepEmbedding, chunked_attention, sincos_pos_embed_2d
 
 PREFIX = "cfm_wrapper.estimator."
@@ -208,9 +209,10 @@ def test_chunked_attention_equals_the_fused_kernel(queries):
     torch.testing.assert_close(chunked_attention(q, k, v, queries), expect, atol=1e-6, rtol=0)
 
 
-def test_bfloat16_attention_on_the_cpu_is_chunked(monkeypatch):
-    """bf16 on the CPU takes the chunked products in every block, float32 keeps the fused kernel (the
-    official code's numbers), and a chunk size of 0 switches the chunking off."""
+def test_attention_on_the_cpu_is_chunked_by_score_bytes(monkeypatch):
+    """On the CPU every block takes the chunked products, with as many queries as fit the score block in
+    the precision it runs in (float32 only where oneDNN runs its products), and a block of 0 bytes keeps
+    torch's fused kernel."""
     calls = []
 
     def counting(*args):
@@ -220,15 +222,20 @@ def test_bfloat16_attention_on_the_cpu_is_chunked(monkeypatch):
     monkeypatch.setattr(mucodec.dit, "chunked_attention", counting)
     torch.manual_seed(0)
     x, t = torch.randn(2, 6, 12, 8), torch.tensor([0.2, 0.7])
-    dit = DiT(tiny_config(cpu_attention_queries=5))
+    tokens = (12 // 2) * (8 // 2)
+    dit = DiT(tiny_config(cpu_attention_block=5 * tokens * 2))  # 5 bf16 queries, 2 float32 ones (2.5)
+    dit_fused = DiT(tiny_config(cpu_attention_block=0))
+    dit_fused.load_state_dict(dit.state_dict())
     with torch.no_grad():
-        exact = dit(x, t)
+        exact = dit_fused(x, t)
         assert calls == []
+        chunked32 = dit(x, t)
+        assert calls == ([2, 2] if kernels.onednn_float32() else [])
+        torch.testing.assert_close(chunked32, exact, atol=1e-5, rtol=0)
+        calls.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             chunked = dit(x, t)
         assert calls == [5, 5]
-        dit_fused = DiT(tiny_config(cpu_attention_queries=0))
-        dit_fused.load_state_dict(dit.state_dict())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fused = dit_fused(x, t)
         assert calls == [5, 5]

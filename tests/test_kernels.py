@@ -83,8 +83,9 @@ def test_the_encoder_and_the_dit_use_it(monkeypatch):
     dit = DiT(DiTConfig(num_layers=2, num_heads=2, head_dim=8, flow_t_size=16, sample_size=16))
     with torch.inference_mode():
         dit(torch.randn(1, 96, 8, 4), torch.tensor([0.5]))
-    # timestep MLP (2) + adaLN (1), per block 4 attention + 2 feed-forward, the output projection
-    assert len(calls) == 3 + 2 * 6 + 1
+    # timestep MLP (2) + adaLN (1), per block 4 projections + 2 feed-forward + the attention's two products
+    # per head (8 tokens fit one score block), the output projection
+    assert len(calls) == 3 + 2 * (6 + 2 * 2) + 1
 
 
 @needs_onednn
@@ -96,3 +97,16 @@ def test_the_benchmark_counts_the_onednn_products():
     bench = runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "bench.py"), run_name="bench")
     x, w = torch.randn(2, 5, 64), torch.randn(32, 64)
     assert bench["flops_of"](lambda: linear(x, w)) == 2 * (2 * 5) * 64 * 32
+
+
+@needs_onednn
+def test_a_strided_weight_reaches_onednn_contiguous(monkeypatch):
+    """oneDNN takes a weight with strided rows through a reference kernel about a thousand times slower
+    (the attention's per-head key blocks are such views), so linear hands it a contiguous copy."""
+    seen = []
+    real = kernels._ONEDNN_LINEAR
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", lambda *a: seen.append(a[1].is_contiguous()) or real(*a))
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 24), torch.randn(40, 48)[:, :24]
+    torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert seen == [True]
