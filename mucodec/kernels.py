@@ -7,13 +7,17 @@ two libraries sum each dot product in another order, so results differ in the la
 relative); a row's result does not depend on how many rows share its product at the sizes the codec
 runs (whole windows). The encoder, the DiT (its Linears and float32 attention products), the flow's
 condition and the VAE's attention use it.
+
+bfloat16 products (and those of bfloat16 autocast) already run through oneDNN under torch; calling it
+directly gave the same bits a few percent faster, and lets the DiT's feed-forward apply its GELU to the
+product while it is still in registers instead of in a second pass over 52 million values (0.06 s of a
+1.3 s bfloat16 block, 0.08 s of a float32 one).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 def _onednn_linear():
     if not torch.backends.mkldnn.is_available():
@@ -24,7 +28,23 @@ def _onednn_linear():
         return None
 
 
+def _onednn_bfloat16() -> bool:
+    # the same test torch makes before it sends a bfloat16 matmul to oneDNN (native or emulated AVX-512)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _ONEDNN_LINEAR = _onednn_linear()
+_ONEDNN_BFLOAT16 = _ONEDNN_LINEAR is not None and _onednn_bfloat16()
+# oneDNN's names for the activations it applies to a product's output
+_POST_OPS = {"none": ("none", ""), "gelu_tanh": ("gelu", "tanh")}
+
+
+def onednn_linear():
+    """The oneDNN product :func:`linear` calls on the CPU (``torch.ops.mkldnn._linear_pointwise``), or None."""
+    return _ONEDNN_LINEAR
 
 
 def onednn_float32() -> bool:
@@ -32,15 +52,39 @@ def onednn_float32() -> bool:
     return _ONEDNN_LINEAR is not None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: (..., in) -> (..., out); float32 on the CPU through oneDNN.
+def _onednn_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(x, weight, bias) as oneDNN should multiply them, or None where the product is ``F.linear``'s."""
+    if _ONEDNN_LINEAR is None or x.device.type != "cpu":
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _ONEDNN_BFLOAT16:
+            return None
+        if {x.dtype, weight.dtype} - {torch.float32, torch.bfloat16}:
+            return None
+        # what autocast hands F.linear: every operand rounded to bfloat16 (a no-op for stored bf16 weights)
+        return x.bfloat16(), weight.bfloat16(), None if bias is None else bias.bfloat16()
+    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if dtypes == {torch.float32} or dtypes == {torch.bfloat16} and _ONEDNN_BFLOAT16:
+        return x, weight, bias
+    return None
 
-    Under autocast, on other devices and in other precisions it is ``F.linear`` itself."""
-    if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")):
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str = "none") -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` then ``activation`` ("none" or "gelu_tanh"): (..., in) -> (..., out).
+
+    float32 and bfloat16 CPU products (bfloat16 autocast included, with autocast's rounding of the operands)
+    run through oneDNN with the activation fused; everything else is ``F.linear`` and ``F.gelu``."""
+    if activation not in _POST_OPS:
+        raise ValueError(f"activation must be one of {tuple(_POST_OPS)}, got {activation!r}")
+    operands = _onednn_operands(x, weight, bias)
+    if operands is not None:
+        x, weight, bias = operands
+        post_op, algorithm = _POST_OPS[activation]
         # a weight with strided rows sends oneDNN to a reference kernel, a thousand times slower
-        return _ONEDNN_LINEAR(x, weight.contiguous(), bias, "none", [], "")
-    return F.linear(x, weight, bias)
+        return _ONEDNN_LINEAR(x, weight.contiguous(), bias, post_op, [], algorithm)
+    y = F.linear(x, weight, bias)
+    return F.gelu(y, approximate="tanh") if activation == "gelu_tanh" else y
 
 
 class Linear(nn.Linear):

@@ -19,7 +19,7 @@ import torch
 from helpers import entries, golden, max_err
 import mucodec.dit
 from mucodec import kernels
-from mucodec.dit import DiT, DiTConfig, FlowTimestepEmbedding, chunked_attention, sincos_pos_embed_2d
+from mucodec.dit import DiT, DiTConfig, FlowTimestepEmbedding, chunked_attention, modulated_norm, sincos_pos_embed_2d
 
 PREFIX = "cfm_wrapper.estimator."
 DIT_TOL = 2e-4
@@ -183,6 +183,25 @@ def test_unpatchify_order():
     assert out.shape == (1, 2, 4, 2)
     assert np.array_equal(out[0, :, 0:2, :].numpy(), expect)
     assert np.array_equal(out[0, :, 2:4, :].numpy(), expect)
+
+
+def test_modulated_norm_is_the_three_operations_in_one_pass():
+    """layer_norm's affine weights apply each item's (1 + scale) and shift: the official norm, multiply and add
+    to within an ulp (an FMA rounds once where they round twice), and no further from the exact values; under autocast it hands the projections their
+    input already rounded to the autocast precision, as autocast would round it."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 70, 40) * 3 + 1
+    shift, scale = torch.randn(3, 1, 40), torch.randn(3, 1, 40) * 0.2
+    three = torch.nn.functional.layer_norm(x, (40,), eps=1e-6) * (1 + scale) + shift
+    exact = torch.nn.functional.layer_norm(x.double(), (40,), eps=1e-6) * (1 + scale.double()) + shift.double()
+    out = modulated_norm(x, shift, scale, 1e-6)
+    assert out.dtype == torch.float32
+    ulp = torch.finfo(torch.float32).eps * float(three.abs().max())  # of the largest value
+    assert float((out - three).abs().max()) <= ulp
+    assert (out.double() - exact).norm() <= (three.double() - exact).norm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = modulated_norm(x, shift, scale, 1e-6)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, out.bfloat16())
 
 
 @pytest.mark.slow

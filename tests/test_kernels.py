@@ -1,4 +1,5 @@
-"""The shared matrix-product kernel (mucodec/kernels.py): oneDNN for float32 on the CPU, F.linear otherwise."""
+"""The shared matrix-product kernel (mucodec/kernels.py): oneDNN for float32 and bfloat16 on the CPU (with a
+fused GELU), F.linear otherwise."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,23 +37,55 @@ def test_linear_module_keeps_the_state_dict_of_nn_linear():
 
 
 @needs_onednn
-def test_float32_on_the_cpu_runs_through_onednn_and_autocast_does_not(monkeypatch):
+def test_which_products_run_through_onednn(monkeypatch):
     calls = []
     real = kernels._ONEDNN_LINEAR
 
     def spy(*args):
-        calls.append(args[0].dtype)
+        calls.append((args[0].dtype, args[1].dtype))
         return real(*args)
 
     monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", spy)
-    x, w = torch.randn(4, 8), torch.randn(5, 8)
-    linear(x, w)
-    assert calls == [torch.float32]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = linear(x, w)
-    assert out.dtype == torch.bfloat16 and len(calls) == 1  # autocast's own bf16 product
+    torch.manual_seed(0)
+    x, w, b = torch.randn(4, 8), torch.randn(5, 8), torch.randn(5)
+    linear(x, w, b)
+    assert calls == [(torch.float32, torch.float32)]
     linear(x.double(), w.double())
+    with torch.autocast("cpu", dtype=torch.float16):
+        linear(x, w, b)
     assert len(calls) == 1
+    if not kernels._ONEDNN_BFLOAT16:
+        return
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expect = linear(x, w, b), F.linear(x, w, b)
+    # autocast's rounding of every operand, then oneDNN's product: autocast's own bits
+    assert calls[1:] == [(torch.bfloat16, torch.bfloat16)] and out.dtype == torch.bfloat16
+    assert torch.equal(out, expect)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    assert torch.equal(linear(xb, wb, bb), F.linear(xb, wb, bb)) and len(calls) == 3
+    with pytest.raises(RuntimeError):  # mixed precisions outside autocast are F.linear's to refuse
+        linear(xb, w)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_gelu_is_gelu_of_the_product(dtype):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(64, 256), torch.randn(512, 256) * 0.06, torch.randn(512) * 0.5
+    xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+    exact = F.gelu(F.linear(xd.double(), wd.double(), bd.double()), approximate="tanh")
+    fused = linear(xd, wd, bd, "gelu_tanh")
+    separate = F.gelu(F.linear(xd, wd, bd), approximate="tanh")
+    assert fused.dtype == dtype and fused.shape == (64, 512)
+    if dtype == torch.float32:
+        # sums of 256 products of unit-scale numbers in another order, and another tanh: a few ulps of ~3
+        torch.testing.assert_close(fused, separate, atol=2e-6, rtol=1e-6)
+    else:
+        # rounded to bf16 once instead of before and after the GELU: no further from the exact values
+        err = lambda y: ((y.double() - exact).norm() / exact.norm()).item()
+        assert err(fused) <= err(separate) < 4e-3
+    with pytest.raises(ValueError, match="activation must be one of"):
+        linear(xd, wd, bd, "relu")
 
 
 @needs_onednn
