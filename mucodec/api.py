@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import DEFAULT_REPO, FILES
-from .codec import MuCodec, pick_device
+from .codec import DTYPES, MuCodec, dtype_name, pick_device
 from .errors import ArgumentError
 
 # The folder above the package: a source checkout in the official layout keeps its weights there.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _current: tuple[tuple, MuCodec] | None = None
 
@@ -69,7 +68,7 @@ def native_bfloat16(device: str | torch.device = "cpu") -> bool:
 def precision_warning(dtype, device: str | torch.device = "cpu", stage: str = "the flow decoder") -> str | None:
     """A one-line warning when ``dtype`` (a torch dtype or its name) will run ``stage`` far slower than
     float32 on ``device``, else None."""
-    if str(dtype).replace("torch.", "") != "bfloat16" or native_bfloat16(device):
+    if dtype_name(dtype) != "bfloat16" or native_bfloat16(device):
         return None
     return (f"this CPU has no native bfloat16 arithmetic (AVX512-BF16, AMX or ARM BF16), so bfloat16 makes {stage} "
             "several times slower than float32 here (the DiT 7x); use float32, the default on CPUs.")

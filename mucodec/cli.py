@@ -32,7 +32,7 @@ from pathlib import Path
 from . import api, library, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
-from .codec import MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec
+from .codec import MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec, dtype_name
 from .errors import ArgumentError, AudioError, MuCodecError, OutputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -167,7 +167,7 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         args.device = api.pick_device(args.device)
     except ArgumentError as e:
         parser.error(str(e))
-    args.dtype = str(api.pick_dtype(args.dtype, args.device)).replace("torch.", "")
+    args.dtype = dtype_name(api.pick_dtype(args.dtype, args.device))
     for flag, dtype in (("--dtype", args.dtype), ("--audioldm-dtype", args.audioldm_dtype)):
         if args.device.split(":")[0] == "cpu" and dtype == "float16":
             parser.error(f"{flag} float16 needs a GPU; use bfloat16 or float32 on the CPU")

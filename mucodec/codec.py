@@ -23,6 +23,13 @@ from .errors import ArgumentError, AudioError, CheckpointError, NumericalError
 # Bounds of user arguments: far above any sensible use, low enough that a typo cannot run for days.
 MAX_STEPS = 1000
 MAX_BATCH = 256
+# The precisions a codec runs in, by the names the command line, fingerprints and messages use.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 (or its name) -> 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -437,7 +444,7 @@ class MuCodec:
         if not bool(torch.isfinite(x).all()):
             where = self._sources.get(source, f"the {source} checkpoint")
             dtype = {"flow": self.dtype, "audioldm": self.audioldm_dtype}.get(source, torch.float32)
-            hint = (f"run in float32 (this run uses {str(dtype).replace('torch.', '')}), or check {where}"
+            hint = (f"run in float32 (this run uses {dtype_name(dtype)}), or check {where}"
                     if dtype != torch.float32 else f"{where} is damaged; download it again")
             raise NumericalError(f"{stage} produced NaN or infinite values; {hint}.")
 

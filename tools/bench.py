@@ -117,7 +117,8 @@ def timed(fn, device, repeat: int = 1) -> dict:
 def _count_cpu_kernels() -> None:
     """torch's FLOP counter knows the CUDA attention kernels but counts the CPU one as free, which made
     the DiT's rate look 30 % lower than it is; count it like the others (2 matmuls of L x S x E). The same
-    holds for oneDNN's linear, which the codec runs its float32 CPU products through (mucodec/kernels.py)."""
+    holds for oneDNN's linear, which the codec runs its float32 and bfloat16 CPU products through
+    (mucodec/kernels.py)."""
     from torch.utils import flop_counter as fc
 
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -126,7 +127,7 @@ def _count_cpu_kernels() -> None:
         def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
             return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    op = kernels._ONEDNN_LINEAR
+    op = kernels.onednn_linear()
     if op is not None and op not in fc.flop_registry:
         @fc.register_flop_formula(op)
         def _onednn_linear(input_shape, weight_shape, *args, out_shape=None, **kwargs):
@@ -146,7 +147,7 @@ def flops_of(fn) -> int:
 def gemm_peak(device, dtype, size: int = 4096, repeat: int = 5) -> dict:
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    # through the codec's own product (oneDNN for float32 on the CPU: mucodec/kernels.py), so that the
+    # through the codec's own product (oneDNN on the CPU: mucodec/kernels.py), so that the
     # percentages below compare a stage with the fastest product it could use
     linear(a, b).sum().item()  # warm-up (kernel selection, thread pool)
     best = float("inf")

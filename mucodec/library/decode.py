@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .. import audio, tokens
+from ..codec import dtype_name
 from ..errors import ArgumentError, MuCodecError, OutputError, TokenFileError
 from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import expand_inputs, glob_files, in_shard, list_folder, song_id
@@ -471,13 +472,13 @@ def fingerprint(ckpt_files: dict, *, steps: int, guidance: float, seed: int, dty
     """What decides the audio: the decoder's checkpoint files (by content), this code, and the settings.
     The VAE and vocoder's precision is written only where it is reduced, so folders decoded before it was
     an option still resume."""
-    reduced = {} if audioldm_dtype == torch.float32 else {"audioldm_dtype": str(audioldm_dtype).replace("torch.", "")}
+    reduced = {} if audioldm_dtype == torch.float32 else {"audioldm_dtype": dtype_name(audioldm_dtype)}
     return {
         "task": "decode",
         "code_version": DECODE_VERSION,
         "checkpoints": {r: file_sha256(p) for r, p in sorted(ckpt_files.items()) if r in ("mucodec", "audioldm")},
         "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
-        "dtype": str(dtype).replace("torch.", ""), "device": torch.device(device).type,
+        "dtype": dtype_name(dtype), "device": torch.device(device).type,
         "vocoder": "shared-overlaps" if fast_vocoder else "official", "audio_format": audio_format, **reduced,
     }
 
@@ -585,7 +586,7 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
                      fields=report_fields(Stats(), 0.0, batch), write=False)
         return Result(rep, problems)
     if codec is not None and (codec.dtype, codec.audioldm_dtype) != (dtype, audioldm_dtype):
-        has, asked = (" / ".join(str(d).replace("torch.", "") for d in pair)
+        has, asked = (" / ".join(dtype_name(d) for d in pair)
                       for pair in ((codec.dtype, codec.audioldm_dtype), (dtype, audioldm_dtype)))
         raise ArgumentError(f"The codec passed in runs in {has} (DiT / VAE and vocoder) but the job asks for {asked}, "
                             "which its fingerprint would record; pass the codec's precisions, or no codec.")

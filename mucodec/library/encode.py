@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import audio, tokens
+from ..codec import dtype_name
 from ..errors import ArgumentError, MuCodecError, OutputError
 from . import parquet
 from .engine import COMMIT_SECONDS, SHARD_SONGS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
@@ -40,7 +41,7 @@ def fingerprint(ckpt_files: dict, *, batch_size: int, dtype, device) -> dict:
         "code_version": CODE_VERSION,
         "checkpoints": {role: file_sha256(p) for role, p in sorted(ckpt_files.items()) if role in ("muq", "mucodec")},
         "batch_size": int(batch_size),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "device": torch.device(device).type,
         "torch": torch.__version__,
     }
