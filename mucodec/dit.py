@@ -244,7 +244,8 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     ulp at most, nearer the exact ones). Under autocast the result is stored in the autocast precision at
     once: the projections reading it would each cast it again (the attention's three would make three copies)."""
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for i in range(x.shape[0]):
         out[i] = F.layer_norm(x[i], x.shape[-1:], 1 + scale[i, 0], shift[i, 0], eps)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 def _onednn_linear():
     if not torch.backends.mkldnn.is_available():
         return None
