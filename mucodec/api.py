@@ -18,6 +18,7 @@ import torch
 from .checkpoint import DEFAULT_REPO, FILES
 from .codec import DTYPES, MuCodec, dtype_name, pick_device
 from .errors import ArgumentError
+from .kernels import cpu_bfloat16
 
 # The folder above the package: a source checkout in the official layout keeps its weights there.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +60,8 @@ def native_bfloat16(device: str | torch.device = "cpu") -> bool:
     extension (oneDNN's own test); without them torch emulates bfloat16 products one element at a time."""
     if torch.device(device).type != "cpu":
         return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private probe: when a build lacks it, assume the best
-        return True
+    probe = cpu_bfloat16()
+    return True if probe is None else probe  # a build without the probe: assume the best
 
 
 def precision_warning(dtype, device: str | torch.device = "cpu", stage: str = "the flow decoder") -> str | None:

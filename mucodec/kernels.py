@@ -29,16 +29,17 @@ def _onednn_linear():
         return None
 
 
-def _onednn_bfloat16() -> bool:
-    # the same test torch makes before it sends a bfloat16 matmul to oneDNN (native or emulated AVX-512)
+def cpu_bfloat16() -> bool | None:
+    """oneDNN's test for bfloat16 arithmetic on this CPU, the one torch makes before it sends a bfloat16
+    product to oneDNN; None where this torch build lacks the (private) probe."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        return False
+        return None
 
 
 _ONEDNN_LINEAR = _onednn_linear()
-_ONEDNN_BFLOAT16 = _ONEDNN_LINEAR is not None and _onednn_bfloat16()
+_ONEDNN_BFLOAT16 = _ONEDNN_LINEAR is not None and bool(cpu_bfloat16())
 # oneDNN's names for the activations it applies to a product's output
 _POST_OPS = {"none": ("none", ""), "gelu_tanh": ("gelu", "tanh")}
 

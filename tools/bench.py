@@ -48,7 +48,6 @@ sys.path.insert(0, str(ROOT))
 from mucodec.api import DTYPES, pick_device  # noqa: E402
 from mucodec import kernels  # noqa: E402
 from mucodec.codec import MuCodec  # noqa: E402
-from mucodec.kernels import linear  # noqa: E402
 
 ALL_STAGES = ("gemm", "load", "sound2code", "dit_step", "vae", "vocoder", "vocoder_official", "window")
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -149,12 +148,12 @@ def gemm_peak(device, dtype, size: int = 4096, repeat: int = 5) -> dict:
     b = torch.randn(size, size, device=device).to(dtype)
     # through the codec's own product (oneDNN on the CPU: mucodec/kernels.py), so that the
     # percentages below compare a stage with the fastest product it could use
-    linear(a, b).sum().item()  # warm-up (kernel selection, thread pool)
+    kernels.linear(a, b).sum().item()  # warm-up (kernel selection, thread pool)
     best = float("inf")
     for _ in range(repeat):
         sync(device)
         t = time.perf_counter()
-        linear(a, b)
+        kernels.linear(a, b)
         sync(device)
         best = min(best, time.perf_counter() - t)
     return dict(seconds=round(best, 4), gflops=round(2 * size ** 3 / best / 1e9, 1), size=size)
