@@ -4,8 +4,9 @@ torch runs float32 matrix products on the CPU through MKL, which does not take i
 AMD processors: on a Zen 5 it reached half of what oneDNN, which torch also ships and already uses for
 every convolution, reaches on the same product (176 against 363 GFLOP/s at 3072 x 1024 x 4096). The
 two libraries sum each dot product in another order, so results differ in the last bits (about 1e-6
-relative); a row's result does not depend on how many rows share its product at the sizes the codec
-runs (whole windows). The encoder, the DiT (its Linears and float32 attention products), the flow's
+relative). How oneDNN orders a row's sum can depend on how many rows share the product (on AVX2 CPUs it
+does at most sizes), so a batched input is multiplied one item at a time: an item's result never depends
+on its batch mates. The encoder, the DiT (its Linears and float32 attention products), the flow's
 condition and the VAE's attention use it.
 
 bfloat16 products (and those of bfloat16 autocast) already run through oneDNN under torch; calling it
@@ -84,7 +85,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x, weight, bias = operands
         post_op, algorithm = _POST_OPS[activation]
         # a weight with strided rows sends oneDNN to a reference kernel, a thousand times slower
-        return _ONEDNN_LINEAR(x, weight.contiguous(), bias, post_op, [], algorithm)
+        weight = weight.contiguous()
+        if x.dim() < 3 or x.shape[0] == 1:
+            return _ONEDNN_LINEAR(x, weight, bias, post_op, [], algorithm)
+        # one product per item of the batch: oneDNN's kernels for a number of rows sum a row's products in an
+        # order that can depend on that number (seen with AVX2), so an item's result must not depend on how
+        # many items share its batch (a song decoded beside others equals the song alone)
+        first = _ONEDNN_LINEAR(x[0], weight, bias, post_op, [], algorithm)
+        out = first.new_empty((x.shape[0], *first.shape))  # filled item by item: one item's temporary at a time
+        out[0] = first
+        for i in range(1, x.shape[0]):
+            out[i] = _ONEDNN_LINEAR(x[i], weight, bias, post_op, [], algorithm)
+        return out
     y = F.linear(x, weight, bias)
     return F.gelu(y, approximate="tanh") if activation == "gelu_tanh" else y
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import mucodec.kernels as kernels
 from mucodec.dit import DiT, DiTConfig
-from mucodec.kernels import Linear, linear
+from mucodec.kernels import Linear, cpu_bfloat16, linear
 from mucodec.muq import MuQConfig, MuQEncoder
 
 needs_onednn = pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
@@ -98,6 +98,24 @@ def test_a_window_gives_the_same_bits_alone_and_batched():
     batched = linear(x, w, b)
     for i in range(3):
         assert torch.equal(linear(x[i * t:(i + 1) * t].clone(), w, b), batched[i * t:(i + 1) * t])
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_item_gives_the_same_bits_whatever_its_batch(dtype):
+    """A batched input's items are its own products: oneDNN on AVX2 sums a row in an order that depends on the
+    rows of the product at most sizes (tiny models' included), and a song in a batch must equal it alone."""
+    if dtype == torch.bfloat16 and not cpu_bfloat16():
+        pytest.skip("no bfloat16 products on this CPU")
+    torch.manual_seed(1)
+    for t, k, n in ((100, 64, 64), (37, 32, 96), (512, 128, 512)):
+        x, w, b = torch.randn(5, t, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+        batched = linear(x, w, b, "gelu_tanh")
+        assert batched.shape == (5, t, n) and batched.dtype == dtype
+        for size in (1, 2, 3):
+            part = linear(x[:size].clone(), w, b, "gelu_tanh")
+            assert torch.equal(part, batched[:size]), (t, k, n, size)
+        assert torch.equal(linear(x[3:4], w, b, "gelu_tanh")[0], linear(x[3], w, b, "gelu_tanh"))
 
 
 @needs_onednn
