@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from .errors import ArgumentError, AudioError, NotRegularFile, NumericalError, OutputError, open_regular, os_reason
+from .errors import ArgumentError, AudioError, NumericalError, OutputError
+from .files import NotRegularFile, open_atomic, open_regular, os_reason
 from .tokens import EXTENSION as TOKEN_EXTENSION
-from .tokens import open_atomic
 
 CODEC_SAMPLE_RATE = 48000
 MAX_SAMPLE_RATE = 1_000_000  # above any real recording; a larger value is a mistake, not a file
@@ -149,49 +149,91 @@ def wav_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2):
 
 
 @contextlib.contextmanager
-def audio_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2, fmt: str = "wav"):
+def audio_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2, fmt: str = "wav",
+                 before_commit=None):
     """Stream (C, n) pieces into an audio file (``fmt`` in :data:`AUDIO_FORMATS`) that appears at ``path``
     only when complete.
 
-    Yields ``write(piece)``. The samples go to a hidden temporary file beside ``path``, renamed over it
-    when the block ends without an exception; on any failure (including Ctrl-C) nothing is left behind.
-    Non-finite samples are refused (:class:`NumericalError`) before anything of them is written. FLAC
-    stores 24-bit integers, so samples beyond +-1 are clipped to full scale (float WAV keeps them).
+    Yields ``write(piece)``. The samples go to a hidden temporary file beside ``path``; when the block ends
+    without an exception the file is synced, its header is read back (frames, rate and channels must be
+    those written) and it is renamed over ``path``. On any failure (a full disk, Ctrl-C) nothing is left
+    behind. Non-finite samples are refused (:class:`NumericalError`) before anything of them is written.
+    FLAC stores 24-bit integers, so samples beyond +-1 are clipped to full scale (float WAV keeps them).
+    ``before_commit``: see :func:`files.open_atomic`; it also gets ``frames``.
     """
     path = Path(path)
     if fmt not in AUDIO_FORMATS:
         raise ArgumentError(f"audio format {fmt!r} is not one of {', '.join(AUDIO_FORMATS)}.")
     container, subtype = AUDIO_FORMATS[fmt]
     clip = subtype != "FLOAT"
+    frames = 0
 
     def write(piece: torch.Tensor) -> None:
+        nonlocal frames
         data = piece.detach().float().cpu()
         if not torch.isfinite(data).all():
             raise NumericalError(f"The decoder produced NaN or infinite samples for {path}; nothing was written.")
         if clip:  # libsndfile would wrap out-of-range floats around instead
             data = data.clamp(-1.0, 1.0)
-        try:
+        with _writing(path, raw):
             f.write(data.numpy().T)
-        except (OSError, soundfile.SoundFileError) as e:
-            raise OutputError(_write_problem(path, e)) from None
+        frames += data.shape[-1]
 
-    in_body = False  # errors of the caller's block pass through unchanged
-    try:
-        with open_atomic(path) as raw, soundfile.SoundFile(raw, "w", sample_rate, channels, subtype=subtype,
-                                                            format=container) as f:
-            in_body = True
+    def check(tmp: Path) -> None:
+        try:
+            with soundfile.SoundFile(str(tmp)) as back:
+                got = (back.frames, back.samplerate, back.channels)
+        except Exception as e:  # libsndfile reports every problem the same way
+            raise OutputError(f"Cannot write {path}: the file written does not read back ({e}); check the disk "
+                              f"holding {path.parent} and run the same command again.") from None
+        if got != (frames, sample_rate, channels):
+            raise OutputError(f"Cannot write {path}: the file written holds {got[0]} frames at {got[1]} Hz in "
+                              f"{got[2]} channels, not the {frames} at {sample_rate} Hz in {channels} written; "
+                              f"check the disk holding {path.parent} and run the same command again.")
+
+    def commit(dst, info) -> None:
+        if before_commit is not None:
+            before_commit(dst, {**info, "frames": frames})
+
+    with open_atomic(path, check=check, before_commit=commit, deferred=True) as raw:
+        with _writing(path, raw):
+            f = soundfile.SoundFile(raw, "w", sample_rate, channels, subtype=subtype, format=container)
+            if subtype == "FLOAT":
+                _no_peak_chunk(f)
+        try:
             yield write
-            in_body = False
-    except (OSError, soundfile.SoundFileError) as e:
-        if in_body:
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
             raise
-        raise OutputError(_write_problem(path, e)) from None
+        with _writing(path, raw):
+            f.close()  # writes the header's sizes (and FLAC's last frame): checked like any write
 
 
-def _write_problem(path: Path, e: Exception) -> str:
-    if isinstance(e, FileNotFoundError) and not path.parent.is_dir():
-        return f"Cannot write {path}: the folder {path.parent} does not exist; create it first."
-    return f"Cannot write {path}: {getattr(e, 'strerror', None) or e}."
+_SFC_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's command number (sndfile.h)
+
+
+def _no_peak_chunk(f) -> None:
+    """Leave out libsndfile's PEAK chunk of float WAVs: it holds the time of writing, so the same audio written
+    twice would differ in its bytes (and in its checksum, which a resumed job compares)."""
+    with contextlib.suppress(AttributeError):  # a soundfile without its libsndfile handle: the chunk stays
+        soundfile._snd.sf_command(f._file, _SFC_SET_ADD_PEAK_CHUNK, soundfile._ffi.NULL, 0)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, raw):
+    """A soundfile call on ``raw``: its writes are checked by ``raw``, whose error (a full disk) is the cause of
+    whatever soundfile makes of the short write; libsndfile's own errors become an OutputError."""
+    try:
+        yield
+    except (NumericalError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raw.raise_deferred()
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"Cannot write {path}: {getattr(e, 'strerror', None) or e}.") from None
+    raw.raise_deferred()
 
 
 # ------------------------------------------------------------------------------------------------

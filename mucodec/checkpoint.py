@@ -31,7 +31,8 @@ from typing import Callable
 
 import torch
 
-from .errors import CheckpointError, NotRegularFile, open_regular, os_reason
+from .errors import CheckpointError
+from .files import NotRegularFile, open_regular, os_reason
 from .flow import FlowDecoder, FlowDecoderConfig
 from .muq import MuQConfig, MuQEncoder
 from .quantizer import Quantizer, QuantizerConfig

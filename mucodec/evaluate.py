@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics, tokens
+from . import files, metrics, tokens
 from .audio import audio_extensions, load_audio
 from .errors import ArgumentError, MuCodecError, OutputError
 from .library.songs import list_folder
@@ -178,7 +178,7 @@ def write_rows(path, rows: list[dict]) -> None:
     w.writeheader()
     for row in rows:
         w.writerow({c: _cell(row.get(c)) for c in COLUMNS})
-    tokens.write_atomic(path, buf.getvalue().encode("utf-8"))
+    files.write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def _cell(v):
@@ -323,7 +323,7 @@ def evaluate(pairing: Pairing, out, *, settings: dict | None = None, workers: in
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "interval": "percentile, of the mean"},
         "metrics_version": METRICS_VERSION,
     }
-    tokens.write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    files.write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     ev = Evaluation(out, ordered, summary, pairing, len(todo))
     report.write_report(ev, detail=report.DETAIL if detail is None else detail)
     return ev

@@ -15,7 +15,7 @@ import os
 import urllib.parse
 from pathlib import Path
 
-from . import metrics, tokens
+from . import files, metrics
 from .audio import load_audio
 
 DETAIL = 24
@@ -182,10 +182,10 @@ def render(ev, detail: int = DETAIL) -> str:
     chosen = sorted(scored, key=lambda r: (math.isnan(r["visqol"]), r["visqol"]))[:detail]
     visqols = [r["visqol"] for r in scored if math.isfinite(r["visqol"])]
     hist = f'<img alt="histogram of ViSQOL" src="{histogram_image(visqols)}">' if visqols else "<p>No ViSQOL.</p>"
-    lists = "".join(f"<p class=err>{html.escape(what)}: {html.escape(', '.join(files[:100]))}"
-                    f"{' ...' if len(files) > 100 else ''}</p>"
-                    for what, files in (("References without a reconstruction", summary["missing"]),
-                                        ("Reconstructions without a reference", summary["extra"])) if files)
+    lists = "".join(f"<p class=err>{html.escape(what)}: {html.escape(', '.join(names[:100]))}"
+                    f"{' ...' if len(names) > 100 else ''}</p>"
+                    for what, names in (("References without a reconstruction", summary["missing"]),
+                                        ("Reconstructions without a reference", summary["extra"])) if names)
     return f"""<!DOCTYPE html>
 <html lang=en><head><meta charset=utf-8><title>MuCodec evaluation: {len(rows)} songs</title>
 <style>{_STYLE}</style></head><body>
@@ -210,5 +210,5 @@ scale ({RANGE_DB:.0f} dB), then reconstruction minus reference (&plusmn;{DIFF_DB
 def write_report(ev, detail: int = DETAIL) -> Path:
     """Write ``report.html`` into the evaluation's folder, atomically."""
     path = Path(ev.out) / "report.html"
-    tokens.write_atomic(path, render(ev, detail).encode("utf-8"))
+    files.write_atomic(path, render(ev, detail).encode("utf-8"))
     return path

@@ -50,12 +50,10 @@ unpacked before the header has passed every check (and, with ``expect``, matched
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import operator
 import os
 import re
-import secrets
 import struct
 import zlib
 from pathlib import Path
@@ -63,7 +61,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ArgumentError, CodesError, NotRegularFile, OutputError, TokenFileError, open_regular, os_reason
+from .errors import ArgumentError, CodesError, TokenFileError
+from .files import NotRegularFile, open_regular, os_reason, write_atomic
 
 MAGIC = b"MUCODEC"
 VERSION = 2  # the version written
@@ -77,7 +76,6 @@ MAX_CODES = 2 ** 24  # K * T
 MAX_CODEBOOKS = 64
 MAX_FILE = _PREFIX + MAX_HEADER + MAX_CODES * 32 // 8 + _TRAILER
 _MAX_RATE = 1_000_000
-_NAME_MAX = 255  # bytes in one file name on common file systems
 _CHUNK = 1 << 16  # codes per step when (un)packing; a multiple of 8 so packed chunks end on a byte
 
 # name -> (smallest, largest, may be null)
@@ -442,74 +440,17 @@ def is_token_file(path) -> bool:
 
 def save_codes(path, codes, *, frame_rate: int = 25, codebook_size: int = 16384, sample_rate: int = 48000,
                num_samples: int | None = None, original_sample_rate: int | None = None,
-               original_channels: int | None = None, layer: int = 6) -> Path:
+               original_channels: int | None = None, layer: int = 6, before_commit=None) -> Path:
     """Write ``codes`` ((1, K, T), (K, T) or (T,) integers, T >= 1) to the token file ``path``.
 
     The file is written to a temporary file beside ``path`` and renamed over it, so a failure leaves
     neither a partial file nor a damaged older one. An existing file is replaced. Returns the path.
     Raises CodesError for bad codes, ArgumentError for a bad field, OutputError when writing fails.
+    ``before_commit``: see :func:`files.open_atomic`.
     """
     path = Path(path)
     data = encode_tokens(codes, frame_rate=frame_rate, codebook_size=codebook_size, sample_rate=sample_rate,
                          num_samples=num_samples, original_sample_rate=original_sample_rate,
                          original_channels=original_channels, layer=layer, where=str(path))
-    write_atomic(path, data)
+    write_atomic(path, data, before_commit=before_commit)
     return path
-
-
-def _temporary_name(name: str) -> str:
-    """A hidden, unique name for a temporary file beside ``name``, at most _NAME_MAX bytes long."""
-    suffix = f".{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    while name and len(os.fsencode(f".{name}{suffix}")) > _NAME_MAX:
-        name = name[:-1]  # shorten by characters, so a multi-byte character is never cut in half
-    return f".{name}{suffix}"
-
-
-def _output_error(path: Path, error: OSError) -> OutputError:
-    if isinstance(error, FileNotFoundError) and not path.parent.is_dir():
-        return OutputError(f"Cannot write {path}: {os_reason(error)} (create the folder {path.parent} first).")
-    return OutputError(f"Cannot write {path}: {os_reason(error)}.")
-
-
-@contextlib.contextmanager
-def open_atomic(path):
-    """Binary file object whose content replaces ``path`` only when the block succeeds.
-
-    Writes go to a hidden temporary file in the same folder (created with the usual permissions,
-    0666 minus the umask), which is renamed over ``path`` at the end and removed on any failure.
-    An OSError of open_atomic's own steps (creating, closing, renaming) becomes an OutputError naming
-    ``path``; exceptions of the caller's block pass through unchanged.
-    """
-    path = Path(path)
-    while True:
-        tmp = path.parent / _temporary_name(path.name)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise _output_error(path, e) from None
-    in_body = False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            in_body = True
-            yield f
-            in_body = False
-        os.replace(tmp, path)
-    except OSError as e:
-        if in_body:
-            raise
-        raise _output_error(path, e) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def write_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (OutputError)."""
-    with open_atomic(path) as f:
-        try:
-            f.write(data)
-        except OSError as e:
-            raise _output_error(Path(path), e) from None

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from mucodec import tokens
-from mucodec.errors import ArgumentError, CodesError, OutputError, TokenFileError
+from mucodec import files, tokens
+from mucodec.errors import ArgumentError, CodesError, OutputError, StorageError, TokenFileError
 from mucodec.tokens import (EXTENSION, MAGIC, MAX_FILE, MAX_HEADER, VERSION, bits_per_code, check_compatible,
                             decode_tokens, encode_tokens, is_token_file, is_token_path, load_codes, pack_bits,
                             save_codes, unpack_bits, validate_codes)
@@ -213,8 +213,10 @@ def test_save_replaces_atomically_and_failure_keeps_old_file(tmp_path, monkeypat
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("mucodec.tokens.os.replace", broken)
-    with pytest.raises(OutputError, match=f"Cannot write {path}: No space left on device.$"):
+    monkeypatch.setattr("mucodec.files.os.replace", broken)
+    with pytest.raises(StorageError, match=f"^Cannot write {path}: no space is left on {tmp_path}; free space on "
+                                           f"{tmp_path}, or choose another output folder, and run the same "
+                                           "command again.$"):
         save_codes(path, torch.tensor([4, 5, 6]))
     assert path.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mct"]  # the temporary file is gone
@@ -223,34 +225,18 @@ def test_save_replaces_atomically_and_failure_keeps_old_file(tmp_path, monkeypat
     assert load_codes(path)[0].tolist() == [[[4, 5, 6]]]
 
 
-def test_open_atomic_leaves_nothing_behind_and_reports_its_own_failures(tmp_path, monkeypatch):
+def test_open_atomic_leaves_nothing_behind_and_reports_its_own_failures(tmp_path):
     for error in (OSError(5, "Input/output error"), KeyError("a bug stays a bug")):
         with pytest.raises(type(error)) as e:  # the caller's own errors pass through unchanged
-            with tokens.open_atomic(tmp_path / "a.wav") as f:
+            with files.open_atomic(tmp_path / "a.wav") as f:
                 f.write(b"half")
                 raise error
         assert e.value is error
     assert list(tmp_path.iterdir()) == []
 
-    real_fdopen = os.fdopen
-
-    class FullDisk:
-        def __init__(self, fd, mode):
-            self.file = real_fdopen(fd, mode)
-
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-    monkeypatch.setattr(os, "fdopen", FullDisk)
-    with pytest.raises(OutputError, match=f"^Cannot write {tmp_path / 'b.mct'}: No space left on device.$"):
-        tokens.write_atomic(tmp_path / "b.mct", b"data")
-    monkeypatch.undo()
+    with files.inject_fault(after=2), pytest.raises(StorageError, match=f"^Cannot write {tmp_path / 'b.mct'}: no "
+                                                                        "space is left on "):
+        files.write_atomic(tmp_path / "b.mct", b"data")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -283,7 +269,7 @@ def test_long_file_names_round_trip(tmp_path, stem):
     save_codes(path, torch.tensor([7, 8, 9]))
     assert load_codes(path)[0].tolist() == [[[7, 8, 9]]]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
-    names = {tokens._temporary_name(path.name) for _ in range(50)}
+    names = {files.temporary_name(path.name) for _ in range(50)}
     assert len(names) == 50 and all(n.startswith(".") and len(os.fsencode(n)) <= 255 for n in names)
 
 

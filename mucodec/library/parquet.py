@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import tokens
-from ..errors import ArgumentError
+from .. import files
+from ..errors import ArgumentError, OutputError
 from .store import committed_files
 
 
@@ -43,8 +43,9 @@ def _schema(fp: dict | None):
                      metadata={b"mucodec.fingerprint": json.dumps(fp, sort_keys=True).encode()} if fp else None)
 
 
-def write_shard(path: Path, rows: list[dict], fp: dict | None = None) -> None:
-    """Write ``rows`` (dicts holding at least the schema's columns) as one parquet file, by atomic rename."""
+def write_shard(path: Path, rows: list[dict], fp: dict | None = None, before_commit=None) -> None:
+    """Write ``rows`` (dicts holding at least the schema's columns) as one parquet file, by atomic rename once
+    its footer reads back with every row (``before_commit``: see :func:`files.open_atomic`)."""
     pa, pq = _pa(), _pq()
     schema = _schema(fp)
     lengths = np.array([len(r["codes"]) for r in rows], dtype=np.int32)
@@ -53,16 +54,23 @@ def write_shard(path: Path, rows: list[dict], fp: dict | None = None) -> None:
     columns = [pa.array([r[name] for r in rows], type=schema.field(name).type) for name in schema.names[:-1]]
     columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.uint16())))
     table = pa.Table.from_arrays(columns, schema=schema)
-    with tokens.open_atomic(path) as f:
+
+    def check(tmp: Path) -> None:
+        try:
+            n = pq.read_metadata(tmp).num_rows
+        except Exception as e:
+            n = f"no readable footer ({e})"
+        if n != len(rows):
+            raise OutputError(f"Cannot write {path}: the shard written holds {n} rows, not {len(rows)}; check the "
+                              f"disk holding {path.parent} and run the same command again.")
+
+    with files.open_atomic(path, check=check, before_commit=before_commit) as f:
         pq.write_table(table, f)
 
 
-def shard_ids(folder: Path) -> set[str]:
-    """The song ids of every committed shard in ``folder``."""
-    ids = set()
-    for f in committed_files(folder, ".parquet"):
-        ids.update(_pq().read_table(f, columns=["song_id"]).column("song_id").to_pylist())
-    return ids
+def shard_song_ids(path: Path) -> list[str]:
+    """The song ids of one shard."""
+    return _pq().read_table(path, columns=["song_id"]).column("song_id").to_pylist()
 
 
 def shard_rows(path: Path) -> int:
@@ -72,10 +80,10 @@ def shard_rows(path: Path) -> int:
 def read_library(out, columns=None):
     """All committed songs of ``out`` as one pyarrow Table sorted by path (``columns``: a subset)."""
     pa, pq = _pa(), _pq()
-    files = committed_files(Path(out) / "shards", ".parquet")
-    if not files:
+    shards = committed_files(Path(out) / "shards", ".parquet")
+    if not shards:
         return _schema(None).empty_table() if columns is None else _schema(None).empty_table().select(columns)
-    table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    table = pa.concat_tables([pq.read_table(f, columns=columns) for f in shards])
     if "path" in table.column_names:
         table = table.sort_by("path")
     return table

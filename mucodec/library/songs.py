@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ArgumentError, os_reason
+from ..errors import ArgumentError
+from ..files import os_reason
 
 
 def song_id(rel_path: str) -> str:
