@@ -33,7 +33,7 @@ from . import api, library, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
 from .codec import MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec, dtype_name
-from .errors import ArgumentError, AudioError, MuCodecError, OutputError
+from .errors import ArgumentError, AudioError, MuCodecError, OutputError, StorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _DEFAULTS = CodecConfig()
@@ -141,6 +141,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                           f"{library.default_workers()} here, one less than the cores, at most 8; decoding 1)")
     lib.add_argument("--retry-errors", action="store_true",
                      help="try again the songs that failed in an earlier run (default: skip them)")
+    lib.add_argument("--verify", action="store_true",
+                     help="resuming: check the checksum of every committed output against the manifest before "
+                          "skipping its song (default: its size only); damaged outputs are done again either way")
     lib.add_argument("--shard-size", type=int, default=library.SHARD_SONGS, metavar="N",
                      help=f"songs per parquet shard, the unit of commit (default: {library.SHARD_SONGS}; a shard "
                           f"is also committed every {library.COMMIT_SECONDS / 60:.0f} minutes)")
@@ -202,7 +205,8 @@ def _library_options(args) -> list[str]:
     """The options only a library job has (encode or decode)."""
     return [name for name, on in (("--shard", args.shard is not None), ("--engine", args.engine != "local"),
                                   ("--address", args.address), ("--workers", args.workers is not None),
-                                  ("--retry-errors", args.retry_errors), ("--decode-batch", args.decode_batch is not None),
+                                  ("--retry-errors", args.retry_errors), ("--verify", args.verify),
+                                  ("--decode-batch", args.decode_batch is not None),
                                   ("--offload", args.offload)) if on]
 
 
@@ -224,7 +228,8 @@ def _run_library(args, out_dir: Path, say, progress: bool, mode: str) -> int:
     """A library job (mucodec.library); prints the summary and returns the exit status."""
     common = dict(ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=api.DTYPES[args.dtype],
                   shard=args.shard, engine=args.engine, address=args.address, workers=args.workers,
-                  retry_errors=args.retry_errors, overwrite=args.overwrite, progress=progress, say=say)
+                  retry_errors=args.retry_errors, overwrite=args.overwrite, progress=progress, verify=args.verify,
+                  say=say)
     try:
         if mode == "encode":
             result = library.encode_library(args.inputs, out_dir, fmt="parquet" if args.format == "auto" else args.format,
@@ -425,7 +430,7 @@ def _main(argv, prog) -> int:
     jobs, failed = plan(args, out_dir)
     kept = [j for j in jobs if j.kind == "kept"]
     todo = [j for j in jobs if j.kind != "kept"]
-    done = []
+    done, not_started = [], 0
     if todo:
         try:
             if args.prompt:  # a bad prompt fails the run once, before the model loads
@@ -446,6 +451,10 @@ def _main(argv, prog) -> int:
             start = time.perf_counter()
             try:
                 run_job(codec, job, args, prompt)
+            except StorageError as e:  # every later file would fail the same way: stop
+                failed.append((str(job.src), str(e)))
+                not_started = len(todo) - todo.index(job) - 1
+                break
             except MuCodecError as e:
                 failed.append((str(job.src), str(e)))
             except oom:
@@ -463,6 +472,7 @@ def _main(argv, prog) -> int:
             say(f"failed: {failed[-1][1]}")
     if len(done) + len(failed) > 1 or failed or kept:
         summary = f"{len(done)} done, " + (f"{len(kept)} kept from an earlier run, " if kept else "") + \
+            (f"{not_started} not started (run the same command again), " if not_started else "") + \
             f"{len(failed)} failed"
         if failed:
             summary += ":\n" + "\n".join(f"  {src}: {why}" for src, why in failed)
@@ -476,7 +486,7 @@ def _main(argv, prog) -> int:
 def run_settings(args) -> dict:
     """What made the reconstructions, for the evaluation's summary and report."""
     from .checkpoint import DECODER_STAGES, ENCODER_STAGES, resolve_files, roles_of
-    from .library.store import file_sha256
+    from .files import sha256
 
     files = resolve_files(args.ckpt or api.default_checkpoint(), roles_of(ENCODER_STAGES + DECODER_STAGES),
                           args.revision)
@@ -485,7 +495,7 @@ def run_settings(args) -> dict:
             "audioldm_dtype": args.audioldm_dtype, "device": args.device,
             "vocoder": "official" if args.official_vocoder else "shared-overlaps", "batch_size": args.batch_size,
             "prompt": args.prompt or "none",
-            "checkpoint (sha256)": {role: file_sha256(f)[:16] for role, f in sorted(files.items())}}
+            "checkpoint (sha256)": {role: sha256(f)[:16] for role, f in sorted(files.items())}}
 
 
 def _evaluate(args, jobs: list[Job], out_dir: Path, say, progress: bool) -> int:

@@ -15,7 +15,9 @@ Output folder, beside the store's files (fingerprint, manifest, errors, report; 
     <name>.flac (or .wav)     one per song, committed by an atomic rename, cut to ``num_samples`` where the
                               tokens carry it (token libraries and .mct files)
 
-A song is committed exactly when its audio file exists. Its noise comes from its own generator, seeded with
+A song is committed exactly when its audio file exists and is what the manifest line written before its rename
+says (bytes; the checksum too with ``verify``); a damaged, lost or unrecorded file is decoded again. A full,
+read-only or failing disk stops the job at once (:class:`StorageError`): the songs in flight are not committed. Its noise comes from its own generator, seeded with
 :func:`song_seed` of the job's seed and its id, so its audio equals ``code2sound(codes, seed=song_seed(...))``
 of the song alone whatever the batch and the order (``tests/test_decode_library.py``).
 
@@ -31,6 +33,7 @@ import concurrent.futures as cf
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import secrets
 import time
@@ -40,12 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import audio, tokens
+from .. import audio, files, tokens
 from ..codec import dtype_name
-from ..errors import ArgumentError, MuCodecError, OutputError, TokenFileError
+from ..errors import ArgumentError, MuCodecError, OutputError, StorageError, TokenFileError
 from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import expand_inputs, glob_files, in_shard, list_folder, song_id
-from .store import MACHINES, Store, error_row, file_sha256, machine
+from .store import MACHINES, Store, error_row, machine
 
 # Bump when a change to the code makes different audio from the same codes, weights and settings.
 DECODE_VERSION = 1
@@ -86,8 +89,8 @@ def is_token_input(arg) -> bool:
     if p.is_dir():
         if _library_shards(p):
             return True
-        files, _ = list_folder(p, set(TOKEN_EXTENSIONS) | audio.audio_extensions())
-        return bool(files) and all(Path(f).suffix.lower() in TOKEN_EXTENSIONS for f, _ in files)
+        listed, _ = list_folder(p, set(TOKEN_EXTENSIONS) | audio.audio_extensions())
+        return bool(listed) and all(Path(f).suffix.lower() in TOKEN_EXTENSIONS for f, _ in listed)
     if p.is_file():
         return p.suffix.lower() in TOKEN_EXTENSIONS or tokens.is_token_file(p)
     return any(c in str(arg) for c in "*?[") and any(Path(f).suffix.lower() in TOKEN_EXTENSIONS
@@ -101,18 +104,20 @@ def _library_shards(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / "shards").glob("*.parquet") if not p.name.startswith("."))
 
 
-def scan_tokens(inputs, out=None) -> tuple[list[TokenSong], list[tuple[str, str]], list[dict]]:
+def scan_tokens(inputs, out=None) -> tuple[list[TokenSong], list[tuple[str, str]], list[dict], int]:
     """INPUT arguments -> (songs by name, [(input, one-sentence problem)], error rows of songs that cannot be
-    planned: two songs whose audio would get the same name, the later one fails)."""
+    planned: two songs whose audio would get the same name, the later one fails; and the number of songs that
+    a token library's index places in shards that cannot be read)."""
     def shards(folder: Path):
         return [(f, f.name) for f in _library_shards(folder)] or None
 
-    files, problems = expand_inputs(inputs, set(TOKEN_EXTENSIONS), out, "token files (.mct, .npy, .parquet)",
+    listed, problems = expand_inputs(inputs, set(TOKEN_EXTENSIONS), out, "token files (.mct, .npy, .parquet)",
                                     shards)
-    found = []
-    for f, rel in files:
-        found += _songs_of(Path(f), rel[: -len(f.suffix)] if f.suffix.lower() in TOKEN_EXTENSIONS else rel, problems)
-    return _plan_names(found, problems)
+    found, lost = [], []
+    for f, rel in listed:
+        found += _songs_of(Path(f), rel[: -len(f.suffix)] if f.suffix.lower() in TOKEN_EXTENSIONS else rel, problems,
+                           lost)
+    return (*_plan_names(found, problems), sum(lost))
 
 
 def _plan_names(found: list[TokenSong], problems) -> tuple[list[TokenSong], list, list[dict]]:
@@ -135,8 +140,9 @@ def _where(s: TokenSong) -> str:
     return s.file if s.row < 0 else f"row {s.row} of {s.file}"
 
 
-def _songs_of(file: Path, name: str, problems) -> list[TokenSong]:
-    """The songs one input file holds (a file that cannot be listed is one song that fails when read)."""
+def _songs_of(file: Path, name: str, problems, lost: list) -> list[TokenSong]:
+    """The songs one input file holds (a file that cannot be listed is one song that fails when read; a
+    library's shard that cannot be read loses the songs its index gives it, counted into ``lost``)."""
     suffix = file.suffix.lower()
     try:
         if suffix == ".parquet":
@@ -146,9 +152,27 @@ def _songs_of(file: Path, name: str, problems) -> list[TokenSong]:
             if rows is not None:
                 return [TokenSong(song_id(f"{name}/{r:06d}"), f"{name}/{r:06d}", str(file), r) for r in range(rows)]
     except MuCodecError as e:
-        problems.append((str(file), str(e)))
+        n = _indexed_songs(file)
+        if n:
+            lost.append(n)
+            problems.append((str(file), f"{n} songs in {file} cannot be read, as the index of its library records "
+                                        f"them; encode them again, or restore the shard ({e})"))
+        else:
+            problems.append((str(file), str(e)))
         return []
     return [TokenSong(song_id(name), name, str(file))]
+
+
+def _indexed_songs(shard: Path) -> int | None:
+    """How many songs the index of a token library gives one of its shards (None: not a library's shard)."""
+    if shard.parent.name != "shards" or not _library_shards(shard.parent.parent):
+        return None
+    for index in sorted(shard.parent.parent.glob("index*.json")):
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            for entry in json.loads(index.read_text()).get("shards", []):
+                if entry.get("file") == f"shards/{shard.name}":
+                    return int(entry["songs"])
+    return None
 
 
 def _npy_rows(file: Path) -> int | None:
@@ -277,8 +301,8 @@ def _table(file: str, mtime_ns: int):
 class _OpenFile:
     """One song's audio file being written: every call runs on the song's writer thread, in order."""
 
-    def __init__(self, dst: Path, sample_rate: int, fmt: str):
-        self.dst, self.sample_rate, self.fmt = dst, sample_rate, fmt
+    def __init__(self, dst: Path, sample_rate: int, fmt: str, record=None):
+        self.dst, self.sample_rate, self.fmt, self.record = dst, sample_rate, fmt, record
         self.stack, self.write_piece, self.error = contextlib.ExitStack(), None, None
 
     def start(self) -> None:
@@ -287,7 +311,8 @@ class _OpenFile:
                 self.dst.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise OutputError(f"Cannot create the folder {self.dst.parent}: {e.strerror or e}.") from None
-            self.write_piece = self.stack.enter_context(audio.audio_writer(self.dst, self.sample_rate, 2, self.fmt))
+            self.write_piece = self.stack.enter_context(audio.audio_writer(self.dst, self.sample_rate, 2, self.fmt,
+                                                                           before_commit=self.record))
         except MuCodecError as e:
             self.error = e
 
@@ -315,14 +340,14 @@ class AudioWriter:
     """Streams each song's pieces into its own file on ``threads`` writer threads (a song always on the same
     one, so its pieces stay in order), while the model computes the next window."""
 
-    def __init__(self, sample_rate: int, fmt: str, threads: int = WRITER_THREADS):
-        self.sample_rate, self.fmt = sample_rate, fmt
+    def __init__(self, sample_rate: int, fmt: str, threads: int = WRITER_THREADS, record=None):
+        self.sample_rate, self.fmt, self.record = sample_rate, fmt, record
         self.pools = [cf.ThreadPoolExecutor(1, thread_name_prefix="mucodec-writer") for _ in range(max(1, threads))]
         self.open_files: dict = {}
         self._next = 0
 
     def open(self, key, dst: Path) -> None:
-        f = _OpenFile(dst, self.sample_rate, self.fmt)
+        f = _OpenFile(dst, self.sample_rate, self.fmt, self.record)
         pool = self.pools[self._next % len(self.pools)]
         self._next += 1
         self.open_files[key] = (f, pool)
@@ -340,6 +365,10 @@ class AudioWriter:
     def abort(self, key) -> None:
         f, pool = self.open_files.pop(key)
         pool.submit(f.abort)
+
+    def storage_error(self) -> StorageError | None:
+        """The first full-disk (or read-only, failing) error of a file being written: the job stops at it."""
+        return next((f.error for f, _ in self.open_files.values() if isinstance(f.error, StorageError)), None)
 
     def shutdown(self) -> None:
         for key in list(self.open_files):
@@ -385,6 +414,10 @@ class SongDecoder:
         finally:
             self.writer.shutdown()
 
+    def abort(self) -> None:
+        """Stop: the songs in flight are not committed and their temporary files are removed."""
+        self.writer.shutdown()
+
     def counters(self) -> dict[str, int]:
         return {"windows": self.windows, "steps": self.steps, "slots_filled": self.filled,
                 "slots": self.steps * self.batch_size}
@@ -415,6 +448,9 @@ class SongDecoder:
             if dec.done:
                 self.committing.append((song, dec, self.writer.close(song)))
         self.active = [(song, dec) for song, dec in self.active if not dec.done]
+        stop = self.writer.storage_error()
+        if stop is not None:  # the disk is full: no window more is worth computing
+            raise stop
         return []
 
     def _committed(self, wait: bool) -> list[tuple]:
@@ -425,6 +461,8 @@ class SongDecoder:
                 continue
             try:
                 fut.result()
+            except StorageError:
+                raise
             except MuCodecError as e:
                 out.append((song, None, str(e)))
             else:
@@ -451,17 +489,17 @@ class AudioLibrary(Store):
 
     what = "audio"
 
-    def __init__(self, out, audio_format: str = "flac", shard: tuple[int, int] | None = None):
+    def __init__(self, out, audio_format: str = "flac", shard: tuple[int, int] | None = None, verify: bool = False):
         if audio_format not in audio.AUDIO_FORMATS:
             raise ArgumentError(f"audio format {audio_format!r} is not one of {', '.join(audio.AUDIO_FORMATS)}.")
-        super().__init__(out, shard)
+        super().__init__(out, shard, verify)
         self.audio_format = audio_format
 
     def audio_path(self, song: TokenSong) -> Path:
         return self.out / f"{song.path}.{self.audio_format}"
 
     def committed(self, songs) -> set[str]:
-        return {s.song_id for s in songs if self.audio_path(s).is_file()}
+        return {s.song_id for s in songs if self.checked(self.audio_path(s))}
 
     def song_files(self, song) -> list[Path]:
         return [self.audio_path(song)]
@@ -476,7 +514,7 @@ def fingerprint(ckpt_files: dict, *, steps: int, guidance: float, seed: int, dty
     return {
         "task": "decode",
         "code_version": DECODE_VERSION,
-        "checkpoints": {r: file_sha256(p) for r, p in sorted(ckpt_files.items()) if r in ("mucodec", "audioldm")},
+        "checkpoints": {r: files.sha256(p) for r, p in sorted(ckpt_files.items()) if r in ("mucodec", "audioldm")},
         "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
         "dtype": dtype_name(dtype), "device": torch.device(device).type,
         "vocoder": "shared-overlaps" if fast_vocoder else "official", "audio_format": audio_format, **reduced,
@@ -500,6 +538,7 @@ class DecodeJob(ModelJob):
     audio_format: str
     offload: bool = False
     audioldm_dtype: torch.dtype = torch.float32
+    shard: tuple | None = None
     log: object = None  # a line every minute or so while songs decode (this process only)
     commit_seconds: float = COMMIT_SECONDS
     codec: object = None  # the decoder; None: loaded by the first batcher() (a Ray actor loads its own)
@@ -511,9 +550,9 @@ class DecodeJob(ModelJob):
         self.model(decoder_only=True, offload=self.offload, audioldm_dtype=self.audioldm_dtype)
         opts = self.codec.decode_options(num_steps=self.steps, guidance_scale=self.guidance,
                                          fast_vocoder=self.fast_vocoder)
-        lib = AudioLibrary(self.out, self.audio_format)
+        lib = AudioLibrary(self.out, self.audio_format, self.shard)
         return SongDecoder(self.codec, opts, self.batch_size, self.seed, lib.audio_path,
-                           AudioWriter(self.codec.sample_rate, self.audio_format), self.log)
+                           AudioWriter(self.codec.sample_rate, self.audio_format, record=lib.record), self.log)
 
     def sink(self, store: Store) -> Sink:
         # each song commits itself (its audio file); the sink commits error rows, one file per batch of them
@@ -555,7 +594,7 @@ class Result:
 def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype=torch.float32, steps=None,
                    guidance=None, seed=None, fast_vocoder=True, audio_format="flac", decode_batch=DEFAULT_BATCH,
                    shard=None, engine="local", address=None, workers=None, retry_errors=False, overwrite=False,
-                   offload=False, audioldm_dtype=torch.float32, codec=None, progress=False,
+                   offload=False, audioldm_dtype=torch.float32, codec=None, progress=False, verify=False,
                    say=lambda msg: None) -> Result:
     """Decode the songs under ``inputs`` into one audio file each under ``out`` (see the module docstring).
 
@@ -563,6 +602,9 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     weights or settings is refused (OutputError) unless ``overwrite``; per-song failures become error rows.
     ``codec``: a MuCodec already loaded from ``ckpt`` (local engine), instead of loading one.
     ``audioldm_dtype``: precision of the VAE and vocoder (default float32; see ``MuCodec.from_pretrained``).
+    ``verify``: check the checksum of every committed song's audio, not only its size, before skipping it.
+    A full, read-only or failing disk raises :class:`StorageError` at once, naming the folder and the space the
+    rest of the job needs; nothing damaged is committed, and the same call resumes once it is fixed.
     """
     from .. import api
     from ..checkpoint import DECODER_STAGES, resolve_files, roles_of
@@ -576,12 +618,13 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     workers = 1 if workers is None else int(workers)
     if engine not in ("local", "ray"):
         raise ArgumentError(f"engine {engine!r} is not one of local, ray.")
-    lib = AudioLibrary(out, audio_format, shard)
-    songs, problems, planned_errors = scan_tokens(inputs, out)
+    lib = AudioLibrary(out, audio_format, shard, verify)
+    songs, problems, planned_errors, lost = scan_tokens(inputs, out)
     job_songs = [s for s in songs if in_shard(s.song_id, shard)]
     planned_errors = [e for e in planned_errors if in_shard(e["song_id"], shard)]
     if not job_songs and not planned_errors:
-        rep = report(lib, Plan([], [], 0, 0), Stats(), task="decode", engine=engine, device=torch.device(device).type,
+        rep = report(lib, Plan([], [], 0, 0), Stats(failed=lost), task="decode", engine=engine,
+                     device=torch.device(device).type,
                      workers=workers, devices=0, wall=time.perf_counter() - start, fp=None,
                      fields=report_fields(Stats(), 0.0, batch), write=False)
         return Result(rep, problems)
@@ -591,30 +634,35 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
         raise ArgumentError(f"The codec passed in runs in {has} (DiT / VAE and vocoder) but the job asks for {asked}, "
                             "which its fingerprint would record; pass the codec's precisions, or no codec.")
     ckpt = ckpt if ckpt is not None else api.default_checkpoint()
-    files = resolve_files(ckpt, roles_of(DECODER_STAGES), revision)
+    ckpt_files = resolve_files(ckpt, roles_of(DECODER_STAGES), revision)
     if engine == "ray":
         from . import ray_engine
         device = ray_engine.connect(address, progress)
     if seed is None:
         old = None if overwrite else lib.read_fingerprint()
         seed = old["seed"] if old and old.get("task") == "decode" else secrets.randbits(63)
-    fp = fingerprint(files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
+    fp = fingerprint(ckpt_files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
                      fast_vocoder=fast_vocoder, audio_format=audio_format, audioldm_dtype=audioldm_dtype)
     fp[MACHINES] = [machine(device, engine)]
-    lib.prepare(job_songs, fp, overwrite, say)
-    plan = plan_run(lib, job_songs, retry_errors)
-    say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "
-        f"{len(plan.todo)} to decode (seed {seed})" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
-    job = DecodeJob(str(ckpt), revision, device, dtype, steps, guidance, seed, fast_vocoder, batch, str(out),
-                    audio_format, offload, audioldm_dtype, log=None if progress else say, codec=codec)
-    if engine == "ray":
-        stats, devices = ray_engine.run(job, lib, plan.todo, workers=workers, progress=progress,
-                                        extra_errors=planned_errors)
-    else:
-        devices = 1
-        stats = run_local(job, lib, plan.todo, workers=workers, progress=progress, extra_errors=planned_errors,
-                          log=say)
-    wall = time.perf_counter() - start
-    rep = report(lib, plan, stats, task="decode", engine=engine, device=torch.device(device).type, workers=workers,
-                 devices=devices, wall=wall, fp=fp, fields=report_fields(stats, wall, batch))
+    try:  # a full disk, wherever it stops the job, is said of the folder with what the rest needs
+        lib.prepare(job_songs, fp, overwrite, say)
+        plan = plan_run(lib, job_songs, retry_errors)
+        say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed "
+            f"earlier, {len(plan.todo)} to decode (seed {seed})"
+            + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
+        job = DecodeJob(str(ckpt), revision, device, dtype, steps, guidance, seed, fast_vocoder, batch, str(out),
+                        audio_format, offload, audioldm_dtype, shard, log=None if progress else say, codec=codec)
+        if engine == "ray":
+            stats, devices = ray_engine.run(job, lib, plan.todo, workers=workers, progress=progress,
+                                            extra_errors=planned_errors)
+        else:
+            devices = 1
+            stats = run_local(job, lib, plan.todo, workers=workers, progress=progress, extra_errors=planned_errors,
+                              log=say)
+        wall = time.perf_counter() - start
+        stats.failed += lost  # songs of unreadable shards: failed, though they have no id to make a row of
+        rep = report(lib, plan, stats, task="decode", engine=engine, device=torch.device(device).type,
+                     workers=workers, devices=devices, wall=wall, fp=fp, fields=report_fields(stats, wall, batch))
+    except StorageError as e:
+        raise lib.storage_error(e, job_songs) from None
     return Result(rep, problems)

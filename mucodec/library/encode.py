@@ -13,6 +13,7 @@ A song is committed exactly when a shard holding it exists (``parquet``, ``both`
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import audio, tokens
+from .. import audio, files, tokens
 from ..codec import dtype_name
-from ..errors import ArgumentError, MuCodecError, OutputError
+from ..errors import ArgumentError, MuCodecError, OutputError, StorageError
 from . import parquet
 from .engine import COMMIT_SECONDS, SHARD_SONGS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import Song, in_shard, scan
-from .store import MACHINES, Store, dumps, error_row, file_sha256, machine
+from .store import MACHINES, Store, committed_files as store_files, dumps, error_row, machine
 from .workers import default_workers
 
 # Bump when a change to the code makes different codes from the same audio and weights: old output
@@ -39,7 +40,7 @@ def fingerprint(ckpt_files: dict, *, batch_size: int, dtype, device) -> dict:
     """What decides the codes: the encoder's checkpoint files (by content), this code, and the run's settings."""
     return {
         "code_version": CODE_VERSION,
-        "checkpoints": {role: file_sha256(p) for role, p in sorted(ckpt_files.items()) if role in ("muq", "mucodec")},
+        "checkpoints": {role: files.sha256(p) for role, p in sorted(ckpt_files.items()) if role in ("muq", "mucodec")},
         "batch_size": int(batch_size),
         "dtype": dtype_name(dtype),
         "device": torch.device(device).type,
@@ -56,10 +57,10 @@ class Library(Store):
     what = "codes"
     machine_effect = "a rare near-tie code can differ between them (README: Codes across machines)"
 
-    def __init__(self, out, fmt: str = "parquet", shard: tuple[int, int] | None = None):
+    def __init__(self, out, fmt: str = "parquet", shard: tuple[int, int] | None = None, verify: bool = False):
         if fmt not in FORMATS:
             raise ArgumentError(f"format {fmt!r} is not one of {', '.join(FORMATS)}.")
-        super().__init__(out, shard)
+        super().__init__(out, shard, verify)
         self.fmt = fmt
         self.index_path = self.out / ("index.json" if shard is None else f"index-{self.tag}.json")
         self.shards = self.out / "shards"
@@ -77,9 +78,19 @@ class Library(Store):
         return self.out / Path(rel).with_suffix(tokens.EXTENSION)
 
     def committed(self, songs) -> set[str]:
-        if self.parquet:
-            return parquet.shard_ids(self.shards)
-        return {s.song_id for s in songs if self.mct_path(s).is_file()}
+        if not self.parquet:
+            return {s.song_id for s in songs if self.checked(self.mct_path(s))}
+        ids = set()
+        self.records = self.read_records()  # another job of the folder may have committed since
+        for f in store_files(self.shards, ".parquet"):
+            if self.checked(f):
+                ids.update(parquet.shard_song_ids(f))
+            elif f.name.startswith(self.tag + "-"):
+                # this job's own shard, damaged or never recorded: its songs are encoded again into a new one,
+                # and it must not stay beside it (a reader would meet those songs twice, or fail on it)
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+        return ids
 
     def folders(self) -> list[tuple[Path, str]]:
         return [(self.shards, ".parquet"), (self.errors, ".jsonl")]
@@ -101,12 +112,14 @@ class Library(Store):
                 try:
                     self._write_mct(r)
                     kept.append(r)
+                except StorageError:
+                    raise  # a full disk stops the job: it is no song's fault
                 except MuCodecError as e:
                     failed.append(error_row(r["song_id"], r["path"], "write", str(e)))
             rows, errors = kept, errors + failed
         self.write_errors(name, errors)
         if rows and self.parquet:
-            parquet.write_shard(self.shards / f"{name}.parquet", rows, fp)
+            parquet.write_shard(self.shards / f"{name}.parquet", rows, fp, before_commit=self.record)
         return failed
 
     def _write_mct(self, row: dict) -> None:
@@ -118,12 +131,12 @@ class Library(Store):
         # the header's fields come from the model that made the codes, or its own model could not decode them
         tokens.save_codes(dst, torch.from_numpy(row["codes"].astype(np.int64)), num_samples=row["num_samples"],
                           original_sample_rate=row["sample_rate"], original_channels=row["channels"],
-                          **row["token_fields"])
+                          before_commit=self.record, **row["token_fields"])
 
     def write_index(self) -> None:
         entries = [{"file": f"shards/{f.name}", "songs": parquet.shard_rows(f)}
                    for f in self._commit_files() if f.parent == self.shards and f.name.startswith(self.tag + "-")]
-        tokens.write_atomic(self.index_path, dumps({"job": self.tag, "shards": entries}))
+        files.write_atomic(self.index_path, dumps({"job": self.tag, "shards": entries}))
 
 
 def read_item(song: Song) -> dict:
@@ -351,12 +364,14 @@ class Result:
 def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype=torch.float32, fmt="parquet",
                    shard=None, engine="local", address=None, workers=None, batch_size=3, retry_errors=False,
                    overwrite=False, shard_songs=SHARD_SONGS, commit_seconds=COMMIT_SECONDS, progress=False,
-                   say=lambda msg: None) -> Result:
+                   verify=False, say=lambda msg: None) -> Result:
     """Tokenise the songs under ``inputs`` into ``out`` (see the package docstring); returns the report.
 
     A job with no songs writes nothing (not even ``out``); a finished job run again loads no model and
     encodes nothing; a job whose output was made with other weights or settings is refused (OutputError)
-    unless ``overwrite``. Per-song failures become error rows.
+    unless ``overwrite``. Per-song failures become error rows. ``verify``: check the checksum of every committed
+    output, not only its size, before trusting it. A full, read-only or failing disk raises :class:`StorageError`
+    at once; nothing damaged is committed, and the same call resumes once it is fixed.
     """
     from .. import api
     from ..checkpoint import ENCODER_STAGES, resolve_files, roles_of
@@ -366,7 +381,7 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     if engine not in ("local", "ray"):
         raise ArgumentError(f"engine {engine!r} is not one of local, ray.")
     songs, problems = scan(inputs, out)
-    lib = Library(out, fmt, shard)
+    lib = Library(out, fmt, shard, verify)
     job_songs = [s for s in songs if in_shard(s.song_id, shard)]
     if not job_songs:
         # nothing to do writes nothing: no folder, fingerprint, manifest or report, and no model is looked for
@@ -377,26 +392,32 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     if lib.parquet:
         parquet.require_pyarrow()
     ckpt = ckpt if ckpt is not None else api.default_checkpoint()
-    files = resolve_files(ckpt, roles_of(ENCODER_STAGES), revision)
+    ckpt_files = resolve_files(ckpt, roles_of(ENCODER_STAGES), revision)
     if engine == "ray":
         from . import ray_engine
         device = ray_engine.connect(address, progress)
-    fp = {**fingerprint(files, batch_size=batch_size, dtype=dtype, device=device), MACHINES: [machine(device, engine)]}
-    lib.prepare(job_songs, fp, overwrite, say)
-    plan = plan_run(lib, job_songs, retry_errors)
-    todo, collisions = mct_collisions(lib, plan.todo)
-    say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed earlier, "
-        f"{len(todo) + len(collisions)} to encode" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
-    job = EncodeJob(str(ckpt), revision, device, dtype, batch_size, fp, shard_songs, commit_seconds)
-    if engine == "ray":
-        stats, devices = ray_engine.run(job, lib, todo, workers=workers, progress=progress, extra_errors=collisions)
-    else:
-        devices = 1
-        if todo:
-            say(f"loading the MuCodec encoder from {ckpt} on {device}")
-            job.batcher()
-        stats = run_local(job, lib, todo, workers=workers, progress=progress, extra_errors=collisions, log=say)
-    wall = time.perf_counter() - start
-    rep = report(lib, plan, stats, task="encode", engine=engine, device=torch.device(device).type, workers=workers,
-                 devices=devices, wall=wall, fp=fp, fields=report_fields(lib, stats, wall))
+    fp = {**fingerprint(ckpt_files, batch_size=batch_size, dtype=dtype, device=device), MACHINES: [machine(device, engine)]}
+    try:  # a full disk, wherever it stops the job, is said of the folder with what the rest needs
+        lib.prepare(job_songs, fp, overwrite, say)
+        plan = plan_run(lib, job_songs, retry_errors)
+        todo, collisions = mct_collisions(lib, plan.todo)
+        say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed "
+            f"earlier, {len(todo) + len(collisions)} to encode"
+            + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
+        job = EncodeJob(str(ckpt), revision, device, dtype, batch_size, fp, shard_songs, commit_seconds)
+        if engine == "ray":
+            stats, devices = ray_engine.run(job, lib, todo, workers=workers, progress=progress,
+                                            extra_errors=collisions)
+        else:
+            devices = 1
+            if todo:
+                say(f"loading the MuCodec encoder from {ckpt} on {device}")
+                job.batcher()
+            stats = run_local(job, lib, todo, workers=workers, progress=progress, extra_errors=collisions,
+                              log=say)
+        wall = time.perf_counter() - start
+        rep = report(lib, plan, stats, task="encode", engine=engine, device=torch.device(device).type,
+                     workers=workers, devices=devices, wall=wall, fp=fp, fields=report_fields(lib, stats, wall))
+    except StorageError as e:
+        raise lib.storage_error(e, job_songs) from None
     return Result(rep, problems)

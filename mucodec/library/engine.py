@@ -6,12 +6,13 @@ least ``duration`` (seconds of audio, for the report). The same job runs on Ray 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from ..errors import MuCodecError
+from ..errors import MuCodecError, OutputError, StorageError
 from .songs import in_shard
 from .store import Store, error_row
 from .workers import Reader
@@ -194,6 +195,8 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
             else:
                 try:
                     finish(batcher.add(item, got))
+                except StorageError:
+                    raise
                 except MuCodecError as e:  # raised before the item joined the queue
                     fail(item, job.task, str(e))
                 del got
@@ -202,7 +205,13 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
         if batcher is not None:
             finish(batcher.flush())
         stats.failed_rows(sink.commit(), done=True)
+    except StorageError:  # a full disk is the job's problem, not a song's: stop, keep what is already finished
+        abort(batcher)
+        with contextlib.suppress(OutputError):
+            sink.commit()
+        raise
     except KeyboardInterrupt:
+        abort(batcher)
         sink.commit()  # keep what finished
         raise
     finally:
@@ -211,6 +220,13 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
             stats.count(batcher.counters())
     sink.close()
     return stats
+
+
+def abort(batcher) -> None:
+    """Songs in flight are not committed: a batcher that writes as it goes removes what it had begun."""
+    if batcher is not None and hasattr(batcher, "abort"):
+        with contextlib.suppress(Exception):
+            batcher.abort()
 
 
 def report(store: Store, plan: Plan, stats: Stats, *, task: str, engine: str, device: str, workers: int,

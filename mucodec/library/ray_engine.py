@@ -26,12 +26,13 @@ import warnings
 
 import numpy as np
 
-from ..errors import ArgumentError, MuCodecError
-from .engine import Stats
+from ..errors import ArgumentError, MuCodecError, StorageError
+from .engine import Stats, abort
 from .store import Store, error_row
 from .workers import call_safely
 
 MAX_RETRIES = 2  # per task / actor: a file that crashes its process is tried 1 + MAX_RETRIES times
+STORAGE = "storage"  # the stage of a song stopped by a full disk: never committed as the song's error
 SONGS_PER_CALL = 16  # items an actor batches per call: more fill batches better, fewer bound memory
 
 
@@ -119,24 +120,44 @@ class _Batcher:
                 emit(item, result, self.job.task if why else "", why)
 
         batcher = self.job.batcher()
+        stop = None  # a full disk: the rest of the call is not computed, and no song of it is failed for it
         for i in range(len(batch["item"])):
             item = _unpack(batch["item"][i])
+            if stop is not None:
+                emit(item, None, STORAGE, stop)
+                continue
             if batch["error"][i]:
                 emit(item, None, "read", str(batch["error"][i]))
                 continue
             try:
                 pending[item] = True
                 finished(batcher.add(item, _unpack(batch["payload"][i])))
+            except StorageError as e:
+                stop = str(e)
+                emit(item, None, STORAGE, stop)
             except Exception as e:  # caught here: an exception would make Ray drop every item of the call
                 emit(item, None, self.job.task, _message(e))
         try:
-            finished(batcher.flush())
+            if stop is not None:
+                abort(batcher)
+            else:
+                finished(batcher.flush())
+        except StorageError as e:
+            stop = str(e)
         except Exception as e:
             for item in list(pending):
                 emit(item, None, self.job.task, _message(e))
+        for item in list(pending):
+            emit(item, None, STORAGE, stop)
         if out["counters"]:
             out["counters"][-1] = json.dumps(batcher.counters())
         return {k: _objects(v) if k in ("item", "result") else np.array(v) for k, v in out.items()}
+
+
+def _storage_rows(failures: list[dict]) -> tuple[list[dict], str | None]:
+    """The failures that are songs' own, and the first full-disk sentence among them (that is the job's)."""
+    stop = next((r["message"] for r in failures if r["stage"] == STORAGE), None)
+    return [r for r in failures if r["stage"] != STORAGE], stop
 
 
 def _message(e: Exception) -> str:
@@ -175,14 +196,18 @@ def _commit_sink_class():
                         res["counters"][k] = res["counters"].get(k, 0) + v
                     if b["error"][i]:
                         row = error_row(item.song_id, item.path, str(b["stage"][i]), str(b["error"][i]))
-                        sink.fail(row)
+                        if row["stage"] != STORAGE:  # a full disk is not the song's error: it is redone
+                            sink.fail(row)
                         res["failures"].append(row)
                         continue
                     result = _unpack(b["result"][i])
                     sink.put(item, result)
                     seconds[item.song_id] = float(result["duration"])
             if seconds:
-                failed = sink.commit(f"{self.store.tag}-ray-{_digest(seconds)}")
+                try:
+                    failed = sink.commit(f"{self.store.tag}-ray-{_digest(seconds)}")
+                except StorageError as e:  # returned, not raised: Ray would retry the write on the same disk
+                    failed = [error_row(s, "", STORAGE, str(e)) for s in seconds]
                 res["failures"] += failed
                 for r in failed:
                     seconds[r["song_id"]] = 0.0
@@ -230,12 +255,17 @@ def run(job, store: Store, todo: list, *, workers: int, progress: bool, extra_er
                             batch_format="numpy", max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
         sink = _commit_sink_class()(job, store)
         ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
+    stop = None
     for r in sink.results:
         if isinstance(r, dict):
+            failures, full = _storage_rows(r["failures"])
+            stop = stop or full
             stats.done += r["done"]
             stats.seconds_audio += r["seconds"]
             stats.count(r["counters"])
-            stats.failed_rows(r["failures"])
+            stats.failed_rows(failures)
+    if stop is not None:
+        raise StorageError(stop)
     # items of blocks Ray gave up on: neither committed nor errored; record them so the job ends complete
     st = store.state(todo)
     _commit_errors(job, store, "lost", [

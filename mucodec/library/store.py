@@ -3,35 +3,39 @@
     fingerprint.json          what made the output (weights, settings); output made differently is refused.
                               Its "machines" list (threads, processor, GPU) is only recorded: a resume on
                               another machine adds to it and warns, since near-tie codes may differ there
-    manifest[-I-of-N].jsonl   the songs of one job: song_id, path, size, mtime
+    manifest[-I-of-N].jsonl   the songs of one job (song_id, path, ...), then one line per committed output:
+                              {"output": its path in the folder, "bytes", "sha256", and "frames" for audio},
+                              appended (and synced) before the output's rename: what the file must be
     errors/<job>-<n>.jsonl    failed songs: song_id, path, stage, message, time
     report[-I-of-N].json      the last run
 
 Which songs are committed is the job's to say (:meth:`Store.committed`: shard files or .mct files for the
 encode job, audio files for a decode job), always from the committed files themselves, read back at every
-start: a crash between two steps can neither lose nor duplicate a committed song.
+start and checked against their manifest lines (:meth:`Store.output_problem`: a ``stat`` each; the checksum too
+with ``verify``): a crash between two steps can neither lose nor duplicate a committed song, and an output that
+was truncated, lost or never recorded is done again, with a line that says so.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import platform
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import tokens
-from ..errors import OutputError
+from .. import files
+from ..errors import OutputError, StorageError
 from .songs import job_tag
 
 # The fingerprint key that is recorded but never refused: which machines wrote into the folder.
 MACHINES = "machines"
 
 _NUMBERED = re.compile(r"^(?P<tag>[a-z0-9-]+?)-(?P<seq>\d{6})\.[a-z]+$")
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # tokens.open_atomic's names
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # files.open_atomic's names
 
 
 def machine(device, engine: str = "local") -> dict:
@@ -78,8 +82,8 @@ class Store:
     what = "output"  # what the folder holds, in the refusal messages
     machine_effect = "the results can differ in their last bits"  # what another machine can change
 
-    def __init__(self, out, shard: tuple[int, int] | None = None):
-        self.out, self.shard = Path(out), shard
+    def __init__(self, out, shard: tuple[int, int] | None = None, verify: bool = False):
+        self.out, self.shard, self.verify = Path(out), shard, verify
         self.tag = job_tag(shard)
         suffix = "" if shard is None else f"-{self.tag}"
         self.manifest_path = self.out / f"manifest{suffix}.jsonl"
@@ -87,6 +91,17 @@ class Store:
         self.fingerprint_path = self.out / "fingerprint.json"
         self.errors = self.out / "errors"
         self._seq = None
+        self.records: dict[str, dict] | None = None  # output path in the folder -> its manifest line
+        self.redone: list[tuple[Path, str]] = []  # outputs found damaged or missing, and why
+        self.say = lambda msg: None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # a Ray task gets the folder, not this process's lock, log or records (it reads the records itself)
+        return {**self.__dict__, "_lock": None, "say": None, "records": None, "redone": []}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), say=lambda msg: None)
 
     # ---- what a job defines --------------------------------------------------------------------
     def committed(self, songs) -> set[str]:
@@ -138,9 +153,13 @@ class Store:
                        f"now {_machine_words(new_machines[0])}): {self.machine_effect}, so resume on the same kind of "
                        f"machine where the output must be reproducible.")
         if old != fp or overwrite or new_machines:
-            tokens.write_atomic(self.fingerprint_path, dumps({**fp, MACHINES: seen + new_machines}))
+            files.write_atomic(self.fingerprint_path, dumps({**fp, MACHINES: seen + new_machines}))
         self._clean_temporaries(songs)
-        tokens.write_atomic(self.manifest_path, b"".join(dumps(s.manifest_row(), indent=None) for s in songs))
+        self.say = say
+        self.records = self.read_records()
+        own = [r for r in self._read_manifest(self.manifest_path) if "output" in r]
+        files.write_atomic(self.manifest_path, b"".join(dumps(r, indent=None) for r in
+                                                        [*(s.manifest_row() for s in songs), *own]))
         if warning:
             say(warning)
 
@@ -179,15 +198,96 @@ class Store:
                     if m and m.group("name") in keep:
                         tmp.unlink()
 
+    # ---- what each committed output must be ------------------------------------------------------
+    def read_records(self) -> dict[str, dict]:
+        """Every output line of every manifest in the folder (the last line of an output wins)."""
+        records = {}
+        for m in sorted(self.out.glob("manifest*.jsonl")):
+            for row in self._read_manifest(m):
+                if isinstance(row.get("output"), str):
+                    records[row["output"]] = row
+        return records
+
+    @staticmethod
+    def _read_manifest(path: Path) -> list[dict]:
+        rows = []
+        for line in files.read_lines(path):
+            with contextlib.suppress(ValueError):  # a line torn by a crash: its output is done again
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    rows.append(row)
+        return rows
+
+    def record(self, path, info: dict) -> None:
+        """Append what the output ``path`` must be (``info``: bytes, sha256, frames) to this job's manifest,
+        before ``path`` is renamed into place (the ``before_commit`` of :func:`files.open_atomic`)."""
+        rel = Path(path).relative_to(self.out).as_posix()
+        row = {"output": rel, **info}
+        with self._lock:
+            files.append_line(self.manifest_path, dumps(row, indent=None))
+            if self.records is not None:
+                self.records[rel] = row
+
+    def output_problem(self, path) -> str | None:
+        """None when the committed output ``path`` is what its manifest line says; else what is wrong with it."""
+        path = Path(path)
+        if self.records is None:
+            self.records = self.read_records()
+        rec = self.records.get(path.relative_to(self.out).as_posix())
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None if rec is None else "it is missing"
+        except OSError as e:
+            return f"it cannot be read ({files.os_reason(e)})"
+        if rec is None:
+            return "no record of its commit is in the manifest"
+        if size != rec.get("bytes"):
+            return f"it holds {size:,} bytes where {rec.get('bytes'):,} were written"
+        if self.verify and files.sha256(path) != rec.get("sha256"):
+            return "its checksum differs from the one recorded when it was written"
+        return None
+
+    def checked(self, path) -> bool:
+        """Whether the output ``path`` exists and checks; a damaged or lost one is noted, to be said and redone."""
+        problem = self.output_problem(path)
+        if problem is not None:
+            self.redone.append((Path(path), problem))
+        return problem is None and Path(path).is_file()
+
+    def stored_bytes(self) -> int | None:
+        """The mean size of this folder's recorded outputs (None when there is none), to tell what the rest of
+        a job needs."""
+        sizes = [r["bytes"] for r in (self.records or {}).values() if isinstance(r.get("bytes"), int)]
+        return sum(sizes) // len(sizes) if sizes else None
+
+    def storage_error(self, e: StorageError, todo: list) -> StorageError:
+        """``e`` said of the output folder, with the space that the songs of ``todo`` still left need, where the
+        outputs already recorded tell it."""
+        self.records = self.read_records()
+        left = len(todo) - len(self.committed(todo))
+        mean = self.stored_bytes()
+        return files.job_storage_error(e, self.out, mean * left if mean and left > 0 else None)
+
     # ---- state ---------------------------------------------------------------------------------
     def state(self, songs=None) -> State:
         """Committed ids and outstanding errors, read from the committed files themselves."""
+        self.redone = []
+        self.records = self.read_records()  # other processes (workers, Ray actors) commit too
         committed = self.committed(list(songs or ()))
+        self._say_redone()
         errors = {}
         for row in read_errors(self.out):
             if row["song_id"] not in committed:
                 errors[row["song_id"]] = row
         return State(committed, errors)
+
+    def _say_redone(self, shown: int = 10) -> None:
+        for path, why in self.redone[:shown]:
+            self.say(f"warning: {path.relative_to(self.out).as_posix()} is done again: {why}.")
+        if len(self.redone) > shown:
+            self.say(f"warning: {len(self.redone) - shown} more outputs are done again (damaged, missing or "
+                     f"unrecorded).")
 
     def next_name(self) -> str:
         """A fresh ``<job>-<n>`` for the next commit of this job."""
@@ -201,11 +301,15 @@ class Store:
     # ---- commits -------------------------------------------------------------------------------
     def write_errors(self, name: str, rows: list[dict]) -> None:
         if rows:
-            tokens.write_atomic(self.errors / f"{name}.jsonl", b"".join(dumps(e, indent=None) for e in rows))
+            files.write_atomic(self.errors / f"{name}.jsonl", b"".join(dumps(e, indent=None) for e in rows))
 
     def write_report(self, rep: dict) -> None:
-        with contextlib.suppress(OutputError):  # the work is committed; a report that cannot be written is no failure
-            tokens.write_atomic(self.report_path, dumps(rep))
+        try:
+            files.write_atomic(self.report_path, dumps(rep))
+        except StorageError:
+            raise  # a full disk is said, whatever it stopped
+        except OutputError:
+            pass  # the work is committed; a report that cannot be written is no failure
 
 
 def committed_files(folder: Path, suffix: str = "") -> list[Path]:
@@ -226,14 +330,6 @@ def read_errors(out) -> list[dict]:
     for f in committed_files(Path(out) / "errors", ".jsonl"):
         rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return sorted(rows, key=lambda r: r["time"])
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dumps(obj, indent=2) -> bytes:
