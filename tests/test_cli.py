@@ -547,11 +547,11 @@ def test_non_finite_output_is_not_written(tmp_path, capsys, monkeypatch):
 
 
 def test_write_failure_leaves_nothing(tmp_path, monkeypatch, capsys):
-    import mucodec.tokens
+    import mucodec.files
 
-    monkeypatch.setattr(mucodec.tokens.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr(mucodec.files.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
     assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o") == 1
-    assert "No space left" in capsys.readouterr().err
+    assert f"no space is left on {tmp_path / 'o'}; free space on {tmp_path / 'o'}" in capsys.readouterr().err
     assert list((tmp_path / "o").iterdir()) == []
 
 

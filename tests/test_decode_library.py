@@ -186,7 +186,9 @@ def test_every_input_kind_decodes(tmp_path, codec, cheap, tiny_ckpt_dir):
     for name, (codes, n, sid) in expected.items():
         assert np.array_equal(read(tmp_path / "out" / f"{name}.wav"), alone(codec, codes, sid, 3, num_samples=n)), name
     manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
-    assert sorted(m["path"] for m in manifest) == sorted(expected)
+    assert sorted(m["path"] for m in manifest if "output" not in m) == sorted(expected)
+    # after the songs, what each committed output must be
+    assert sorted(m["output"] for m in manifest if "output" in m) == sorted(f"{name}.wav" for name in expected)
 
 
 def test_bad_rows_and_files_become_error_rows(tmp_path, codec, cheap, tiny_ckpt_dir, capsys):
@@ -240,7 +242,8 @@ def test_shards_partition_the_songs(tmp_path, cheap, tiny_ckpt_dir):
     seen = []
     for i in (1, 2, 3):
         rep = decode([songs], tmp_path / "out", tiny_ckpt_dir, seed=0, shard=(i, 3)).report
-        ids = [json.loads(x)["song_id"] for x in (tmp_path / "out" / f"manifest-{i}-of-3.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (tmp_path / "out" / f"manifest-{i}-of-3.jsonl").read_text().splitlines()]
+        ids = [r["song_id"] for r in rows if "output" not in r]
         assert rep["songs"]["done"] == len(ids) and all(library.in_shard(s, (i, 3)) for s in ids)
         seen += ids
     assert len(seen) == len(set(seen)) == 12 and len(list((tmp_path / "out").glob("*.wav"))) == 12

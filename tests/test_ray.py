@@ -117,3 +117,34 @@ def test_ray_decode_equals_local(tmp_path, tiny_ckpt_dir):
     (err,) = library.read_errors(tmp_path / "ray")
     assert err["path"] == "bad" and "must lie in" in err["message"]
     assert same_fingerprint_but_machines(tmp_path / "ray", tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_a_ray_decode_job_and_it_resumes(tmp_path, tiny_ckpt_dir):
+    """The Ray actors write the audio: a full disk there stops the job with the one sentence, commits nothing
+    damaged and records no song as failed for it (a tmpfs is a real full disk for every process)."""
+    from test_storage import _tmpfs, temporaries
+
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "2m"):
+        pytest.skip("mounting a tmpfs needs root and mount(8) (CI runs as root)")
+    try:
+        songs = tmp_path / "in"
+        songs.mkdir()
+        for k in range(4):
+            np.save(songs / f"s{k}.npy", np.random.default_rng(k).integers(0, 16384, 100 + k))  # 4 s: 1.5 MB of WAV
+        base = [str(songs), "--steps", "1", "--seed", "4", "--audio-format", "wav", "--engine", "ray",
+                "--ckpt", str(tiny_ckpt_dir), "--device", "cpu", "-q"]
+        assert cli.main([*base, "-o", str(tmp_path / "ref")]) == 0
+        assert cli.main([*base, "-o", str(disk / "out")]) == 1
+        assert temporaries(disk) == [] and library.read_errors(disk / "out") == []
+        committed = sorted((disk / "out").glob("*.wav"))
+        assert len(committed) < 4
+        for p in committed:
+            assert p.read_bytes() == (tmp_path / "ref" / p.name).read_bytes()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        assert cli.main([*base, "-o", str(disk / "out")]) == 0
+        for k in range(4):
+            assert (disk / "out" / f"s{k}.wav").read_bytes() == (tmp_path / "ref" / f"s{k}.wav").read_bytes()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
