@@ -43,7 +43,7 @@ def pick_dtype(dtype, device: str | torch.device = "cpu") -> torch.dtype:
 
 def pick_audioldm_dtype(dtype) -> torch.dtype:
     """None -> float32, the VAE and vocoder as the official code runs them; else a name or torch dtype among
-    float32, float16, bfloat16 (reduced precision is asked for: it moves the audio ~2.4 %, see the README)."""
+    float32, float16, bfloat16 (reduced precision is asked for: it moves the audio ~2.4 %, see docs/speed.md)."""
     return torch.float32 if dtype is None else _named_dtype(dtype, "audioldm_dtype")
 
 
@@ -89,8 +89,8 @@ def load_model(ckpt: str | os.PathLike | None = None, *, device: str | None = "a
     when it holds the weights, else ``MuCodec/mucodec`` (downloaded once into the Hugging Face cache).
     ``device``: 'auto' (cuda > mps > cpu) or a device name. ``dtype``: 'auto' (default: float16 for the
     flow decoder on CUDA, as the official code runs it, float32 elsewhere), float32, float16 or bfloat16.
-    ``audioldm_dtype``: precision of the VAE and vocoder; default float32 (bfloat16 is 1.5-1.9x faster on
-    CPUs with native bfloat16 and moves the audio ~2.4 %). ``encoder_only`` loads MuQ and the quantizer only.
+    ``audioldm_dtype``: precision of the VAE and vocoder; default float32 (bfloat16 is faster on CPUs with
+    native bfloat16 and moves the audio ~2.4 %; docs/speed.md). ``encoder_only`` loads MuQ and the quantizer only.
     Calling it again with the same settings returns the same model without reloading.
     """
     global _current

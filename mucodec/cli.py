@@ -80,13 +80,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="cuda, cuda:1, mps, cpu or auto: cuda, else mps, else cpu (default: auto)")
     p.add_argument("--dtype", choices=("auto",) + tuple(api.DTYPES), default="auto",
                    help="precision of the flow decoder (DiT under autocast; everything else stays float32). "
-                        "auto: float16 on CUDA, as the official code runs it, float32 elsewhere; bfloat16 makes "
-                        "the DiT about 2.6x faster on CPUs with native bfloat16 (deviation ~0.5 %%) and about 7x slower on "
-                        "CPUs without it, which get a warning (default: auto)")
+                        "auto: float16 on CUDA, as the official code runs it, float32 elsewhere; bfloat16 speeds "
+                        "the DiT up on CPUs with native bfloat16 (deviation ~0.5 %%) and slows it down on CPUs "
+                        "without it, which get a warning; figures in docs/speed.md (default: auto)")
     p.add_argument("--audioldm-dtype", choices=tuple(api.DTYPES), default="float32",
                    help="precision of the VAE and vocoder (autocast), which turn the flow's latents into audio. "
-                        "bfloat16 makes them 1.5-1.9x faster on CPUs with native bfloat16 but moves the audio about "
-                        "2.4 %% (4.5x as far as a bfloat16 DiT does); float16 needs a GPU (default: float32)")
+                        "bfloat16 speeds them up on CPUs with native bfloat16 but moves the audio about 2.4 %% "
+                        "(figures in docs/speed.md); float16 needs a GPU (default: float32)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
                    help="40.96 s chunks encoded at once; lower it if memory runs out "
                         f"(default: {_DEFAULTS.encoder_batch_size})")
@@ -99,7 +99,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="branch, tag or commit of the hub repo (default: its main branch)")
     p.add_argument("--official-vocoder", action="store_true",
                    help="run the vocoder in the official overlapping chunks (each mel frame 4 times) instead of "
-                        "once per frame plus the chunk edges (default: once per frame, ~2.5x less vocoder work, "
+                        "once per frame plus the chunk edges (default: once per frame, less vocoder work, "
                         "the same audio up to float rounding)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--evaluate", action="store_true",

@@ -127,7 +127,7 @@ class MuCodec:
         self.device = torch.device(device)
         self.dtype = dtype
         # the VAE and vocoder (the AudioLDM file) decode in float32 unless asked: reduced precision makes them
-        # 1.5-1.9x faster on a CPU with native bf16 but moves the audio 4.5x as far as a bf16 DiT does (README)
+        # faster on a CPU with native bf16 but moves the audio further than a bf16 DiT does (docs/speed.md)
         self.audioldm_dtype = audioldm_dtype
         self.progress = progress
         # offload: the flow decoder, VAE and vocoder wait in CPU memory and visit the device only while they

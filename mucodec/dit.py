@@ -187,10 +187,10 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries
     """softmax(q k^T / sqrt(head_dim)) v for (B, H, N, d) tensors, one head and ``queries`` rows at a time.
 
     torch's CPU flash kernel runs at about 170 GFLOP/s at head size 72 in float32 and bfloat16 alike,
-    whereas two plain products around a softmax run at 1.4x that in float32 (through oneDNN) and 2.5x in
-    bf16 on a CPU with native bf16: the score block stays small enough to be reused from cache. torch's
-    softmax keeps its max and sum in float32 for bf16 input; the probabilities are rounded to bf16 for
-    the second product.
+    whereas two plain products around a softmax run faster in float32 (through oneDNN) and faster still in
+    bf16 on a CPU with native bf16 (docs/speed.md): the score block stays small enough to be reused from
+    cache. torch's softmax keeps its max and sum in float32 for bf16 input; the probabilities are rounded to
+    bf16 for the second product.
     """
     out = torch.empty_like(q)   # q's layout, (B, N, H, d) in memory: the caller's reshape is free
     scale = q.shape[-1] ** -0.5  # applied to each block of queries while it is in cache

@@ -2,7 +2,7 @@
 
 torch runs float32 matrix products on the CPU through MKL, which does not take its AVX-512 kernels on
 AMD processors: on a Zen 5 it reached half of what oneDNN, which torch also ships and already uses for
-every convolution, reaches on the same product (176 against 363 GFLOP/s at 3072 x 1024 x 4096). The
+every convolution, reaches on the same product (figures in docs/speed.md). The
 two libraries sum each dot product in another order, so results differ in the last bits (about 1e-6
 relative). How oneDNN orders a row's sum can depend on how many rows share the product (on AVX2 CPUs it
 does at most sizes), so a batched input is multiplied one item at a time: an item's result never depends
@@ -11,8 +11,7 @@ condition and the VAE's attention use it.
 
 bfloat16 products (and those of bfloat16 autocast) already run through oneDNN under torch; calling it
 directly gave the same bits a few percent faster, and lets the DiT's feed-forward apply its GELU to the
-product while it is still in registers instead of in a second pass over 52 million values (0.06 s of a
-1.3 s bfloat16 block, 0.08 s of a float32 one).
+product while it is still in registers instead of in a second pass over 52 million values.
 """
 from __future__ import annotations
 

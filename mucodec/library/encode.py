@@ -55,7 +55,7 @@ class Library(Store):
     """The output folder of an encode job: parquet shards and/or .mct files, committed atomically."""
 
     what = "codes"
-    machine_effect = "a rare near-tie code can differ between them (README: Codes across machines)"
+    machine_effect = "a rare near-tie code can differ between them (docs/library.md: Codes across machines)"
 
     def __init__(self, out, fmt: str = "parquet", shard: tuple[int, int] | None = None, verify: bool = False):
         if fmt not in FORMATS:
