@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mucodec.api import DTYPES, pick_device  # noqa: E402
-from mucodec import kernels  # noqa: E402
+from mucodec import files, kernels  # noqa: E402
 from mucodec.codec import MuCodec  # noqa: E402
 
 ALL_STAGES = ("gemm", "load", "sound2code", "dit_step", "vae", "vocoder", "vocoder_official", "window")
@@ -242,9 +242,7 @@ def main(argv=None) -> dict:
 
     def save():  # whole or not at all: another process may read the file while this one runs
         if args.json:
-            tmp = Path(args.json + ".tmp")
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(tmp, args.json)
+            files.write_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
 
     def say(name, r):
         report["stages"][name] = r

@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from mucodec import files  # noqa: E402
 
 SR = 48000
 DEFAULT_SETTINGS = "t1-alone3,t2-alone3,t4-alone3,t8-alone3,t2-alone1,t2-packed3,t2-shuffled3"
@@ -430,7 +431,7 @@ def main(argv=None) -> int:
                            env=env, check=True)
     pairs = [tuple(x.split(":")) for x in args.pairs.split(",")]
     rep = table(work, args.ckpt, pairs)
-    (work / "report.json").write_text(json.dumps(rep, indent=2))
+    files.write_atomic(work / "report.json", json.dumps(rep, indent=2).encode())
     return 0
 
 
