@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import torch
 
-from .checkpoint import DEFAULT_REPO, FILES
+from .checkpoint import REPO_ROOT, default_checkpoint  # noqa: F401  (re-exported: they were defined here)
 from .codec import DTYPES, MuCodec, dtype_name, pick_device
 from .errors import ArgumentError
 from .kernels import cpu_bfloat16
 
-# The folder above the package: a source checkout in the official layout keeps its weights there.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 _current: tuple[tuple, MuCodec] | None = None
-
-
-def default_checkpoint() -> str:
-    """The folder above the package when it holds the three official files, else the hub repo id."""
-    return str(REPO_ROOT) if all((REPO_ROOT / f).is_file() for f in FILES.values()) else DEFAULT_REPO
 
 
 def pick_dtype(dtype, device: str | torch.device = "cpu") -> torch.dtype:

@@ -56,6 +56,13 @@ KINDS = {
 }
 # Optional entry a checkpoint may carry to describe non-official sizes (tiny test models, retrained models).
 CONFIG_KEY = "mucodec_config"
+# The folder above the package: a source checkout in the official layout keeps its weights there.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_checkpoint() -> str:
+    """The folder above the package when it holds the three official files, else the hub repo id."""
+    return str(REPO_ROOT) if all((REPO_ROOT / f).is_file() for f in FILES.values()) else DEFAULT_REPO
 
 
 # --------------------------------------------------------------------------------------------------

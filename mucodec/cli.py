@@ -29,9 +29,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import api, library, tokens
+from . import api, checkpoint, library, tokens
 from .audio import audio_extensions, check_input_file
-from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
+from .checkpoint import DEFAULT_REPO, FILES, HUB_URL, default_checkpoint
 from .codec import MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec, dtype_name
 from .errors import ArgumentError, AudioError, MuCodecError, OutputError, StorageError
 
@@ -392,9 +392,10 @@ def _main(argv, prog) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     demo = not args.inputs
+    root = checkpoint.REPO_ROOT  # looked up at run time, not import time, so that tests can point it elsewhere
     if demo:
-        args.inputs = [str(api.REPO_ROOT / "test_wav" / "test.wav")]
-    out_dir = Path(args.output) if args.output else (api.REPO_ROOT / "reconstruct" if demo else Path("reconstruct"))
+        args.inputs = [str(root / "test_wav" / "test.wav")]
+    out_dir = Path(args.output) if args.output else (root / "reconstruct" if demo else Path("reconstruct"))
     _check_args(parser, args)
 
     import torch
@@ -435,7 +436,7 @@ def _main(argv, prog) -> int:
         try:
             if args.prompt:  # a bad prompt fails the run once, before the model loads
                 check_input_file(args.prompt, "Prompt file")
-            ckpt = args.ckpt or api.default_checkpoint()
+            ckpt = args.ckpt or default_checkpoint()
             say(f"loading MuCodec from {ckpt} on {args.device} ({args.dtype})")
             codec = MuCodec.from_pretrained(ckpt, device=args.device, dtype=api.DTYPES[args.dtype],
                                             audioldm_dtype=api.DTYPES[args.audioldm_dtype],
@@ -488,7 +489,7 @@ def run_settings(args) -> dict:
     from .checkpoint import DECODER_STAGES, ENCODER_STAGES, resolve_files, roles_of
     from .files import sha256
 
-    files = resolve_files(args.ckpt or api.default_checkpoint(), roles_of(ENCODER_STAGES + DECODER_STAGES),
+    files = resolve_files(args.ckpt or default_checkpoint(), roles_of(ENCODER_STAGES + DECODER_STAGES),
                           args.revision)
     return {"steps": _DEFAULTS.sound2sound_steps if args.steps is None else args.steps, "guidance": args.guidance,
             "seed": "random" if args.seed is None else args.seed, "dtype": args.dtype,

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from helpers import deny_opening
+from mucodec import checkpoint
 from mucodec.checkpoint import (
+    default_checkpoint,
     fold_weight_norm,
     kind_of,
     load_module,
@@ -93,6 +95,15 @@ def test_missing_folder_lists_all_three_files(tmp_path):
     for rel in ("tools/audioldm_48k.pth", "muq_dev/muq.pt", "ckpt/mucodec.pt"):
         assert rel in msg
     assert "huggingface.co/MuCodec/mucodec" in msg
+
+
+def test_default_checkpoint_prefers_the_repo_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "REPO_ROOT", tmp_path)
+    assert default_checkpoint() == "MuCodec/mucodec"
+    for f in ("tools/audioldm_48k.pth", "muq_dev/muq.pt", "ckpt/mucodec.pt"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"")
+    assert default_checkpoint() == str(tmp_path)
 
 
 def test_hub_offline_without_cache_is_one_clear_error(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import torch
 
 import generate
 import mucodec
-from mucodec import api, cli
+from mucodec import api, checkpoint, cli
 from mucodec.codec import CodecConfig, MuCodec
 from mucodec.flow import FlowDecoderConfig
 from mucodec.errors import (ArgumentError, AudioError, CheckpointError, CodesError, MuCodecError, NumericalError,
@@ -584,7 +584,7 @@ def test_bad_prompt_fails_once_before_any_file(tmp_path, capsys, content, words)
 def test_no_arguments_reconstructs_the_demo_song(tmp_path, monkeypatch):
     (tmp_path / "test_wav").mkdir()
     (tmp_path / "test_wav" / "test.wav").write_bytes((REPO / "test_wav" / "test.wav").read_bytes())
-    monkeypatch.setattr(api, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(checkpoint, "REPO_ROOT", tmp_path)
     assert run() == 0
     frames = sf.info(str(REPO / "test_wav" / "test.wav")).frames
     assert sf.info(str(tmp_path / "reconstruct" / "test.wav")).frames == frames
@@ -601,15 +601,6 @@ def test_demo_song_is_what_the_script_makes(tmp_path):
     x, _ = sf.read(str(tmp_path / "t.wav"))
     assert 0.5 < np.abs(x).max() <= 0.8  # loud enough, and below the codec's 0.8 normalisation threshold
     assert np.corrcoef(x.T)[0, 1] < 0.99  # really stereo
-
-
-def test_default_checkpoint_prefers_the_repo_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "REPO_ROOT", tmp_path)
-    assert api.default_checkpoint() == "MuCodec/mucodec"
-    for f in ("tools/audioldm_48k.pth", "muq_dev/muq.pt", "ckpt/mucodec.pt"):
-        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / f).write_bytes(b"")
-    assert api.default_checkpoint() == str(tmp_path)
 
 
 def test_checkpoint_error_is_one_sentence(tmp_path, capsys, monkeypatch):

@@ -606,8 +606,7 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     A full, read-only or failing disk raises :class:`StorageError` at once, naming the folder and the space the
     rest of the job needs; nothing damaged is committed, and the same call resumes once it is fixed.
     """
-    from .. import api
-    from ..checkpoint import DECODER_STAGES, resolve_files, roles_of
+    from ..checkpoint import DECODER_STAGES, default_checkpoint, resolve_files, roles_of
     from ..codec import CodecConfig, MAX_STEPS, _count, _guidance
 
     start = time.perf_counter()
@@ -633,7 +632,7 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
                       for pair in ((codec.dtype, codec.audioldm_dtype), (dtype, audioldm_dtype)))
         raise ArgumentError(f"The codec passed in runs in {has} (DiT / VAE and vocoder) but the job asks for {asked}, "
                             "which its fingerprint would record; pass the codec's precisions, or no codec.")
-    ckpt = ckpt if ckpt is not None else api.default_checkpoint()
+    ckpt = ckpt if ckpt is not None else default_checkpoint()
     ckpt_files = resolve_files(ckpt, roles_of(DECODER_STAGES), revision)
     if engine == "ray":
         from . import ray_engine

@@ -373,8 +373,7 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     output, not only its size, before trusting it. A full, read-only or failing disk raises :class:`StorageError`
     at once; nothing damaged is committed, and the same call resumes once it is fixed.
     """
-    from .. import api
-    from ..checkpoint import ENCODER_STAGES, resolve_files, roles_of
+    from ..checkpoint import ENCODER_STAGES, default_checkpoint, resolve_files, roles_of
 
     start = time.perf_counter()
     workers = default_workers() if workers is None else int(workers)
@@ -391,7 +390,7 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
         return Result(rep, problems)
     if lib.parquet:
         parquet.require_pyarrow()
-    ckpt = ckpt if ckpt is not None else api.default_checkpoint()
+    ckpt = ckpt if ckpt is not None else default_checkpoint()
     ckpt_files = resolve_files(ckpt, roles_of(ENCODER_STAGES), revision)
     if engine == "ray":
         from . import ray_engine
