@@ -29,11 +29,12 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import api, checkpoint, library, tokens
+from . import checkpoint, library, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL, default_checkpoint
-from .codec import MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec, dtype_name
+from .codec import DTYPES, MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec, dtype_name, pick_device
 from .errors import ArgumentError, AudioError, MuCodecError, OutputError, StorageError
+from .precision import pick_dtype, precision_warnings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _DEFAULTS = CodecConfig()
@@ -78,12 +79,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="random seed for the decoder's noise, applied to each file (default: random)")
     p.add_argument("--device", default="auto",
                    help="cuda, cuda:1, mps, cpu or auto: cuda, else mps, else cpu (default: auto)")
-    p.add_argument("--dtype", choices=("auto",) + tuple(api.DTYPES), default="auto",
+    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
                    help="precision of the flow decoder (DiT under autocast; everything else stays float32). "
                         "auto: float16 on CUDA, as the official code runs it, float32 elsewhere; bfloat16 speeds "
                         "the DiT up on CPUs with native bfloat16 (deviation ~0.5 %%) and slows it down on CPUs "
                         "without it, which get a warning; figures in docs/speed.md (default: auto)")
-    p.add_argument("--audioldm-dtype", choices=tuple(api.DTYPES), default="float32",
+    p.add_argument("--audioldm-dtype", choices=tuple(DTYPES), default="float32",
                    help="precision of the VAE and vocoder (autocast), which turn the flow's latents into audio. "
                         "bfloat16 speeds them up on CPUs with native bfloat16 but moves the audio about 2.4 %% "
                         "(figures in docs/speed.md); float16 needs a GPU (default: float32)")
@@ -167,10 +168,10 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.encode and args.evaluate:
         parser.error("--evaluate compares reconstructions with their inputs; it has no effect with --encode")
     try:
-        args.device = api.pick_device(args.device)
+        args.device = pick_device(args.device)
     except ArgumentError as e:
         parser.error(str(e))
-    args.dtype = dtype_name(api.pick_dtype(args.dtype, args.device))
+    args.dtype = dtype_name(pick_dtype(args.dtype, args.device))
     for flag, dtype in (("--dtype", args.dtype), ("--audioldm-dtype", args.audioldm_dtype)):
         if args.device.split(":")[0] == "cpu" and dtype == "float16":
             parser.error(f"{flag} float16 needs a GPU; use bfloat16 or float32 on the CPU")
@@ -226,7 +227,7 @@ def _library_mode(args) -> str | None:
 
 def _run_library(args, out_dir: Path, say, progress: bool, mode: str) -> int:
     """A library job (mucodec.library); prints the summary and returns the exit status."""
-    common = dict(ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=api.DTYPES[args.dtype],
+    common = dict(ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype],
                   shard=args.shard, engine=args.engine, address=args.address, workers=args.workers,
                   retry_errors=args.retry_errors, overwrite=args.overwrite, progress=progress, verify=args.verify,
                   say=say)
@@ -238,7 +239,7 @@ def _run_library(args, out_dir: Path, say, progress: bool, mode: str) -> int:
             result = library.decode_library(
                 args.inputs, out_dir, steps=args.steps, guidance=args.guidance, seed=args.seed,
                 fast_vocoder=not args.official_vocoder, decode_batch=args.decode_batch, offload=args.offload,
-                audioldm_dtype=api.DTYPES[args.audioldm_dtype],
+                audioldm_dtype=DTYPES[args.audioldm_dtype],
                 audio_format="flac" if args.audio_format == "auto" else args.audio_format, **common)
     except MuCodecError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -406,7 +407,7 @@ def _main(argv, prog) -> int:
             tqdm.write(msg, file=sys.stderr)
 
     progress = not args.quiet and sys.stderr.isatty()
-    for slow in [] if args.encode else api.precision_warnings(args.dtype, args.audioldm_dtype, args.device):
+    for slow in [] if args.encode else precision_warnings(args.dtype, args.audioldm_dtype, args.device):
         say(f"warning: {slow}")  # (neither precision reaches the encoder)
     mode = _library_mode(args)
     if mode == "decode" and args.prompt:
@@ -438,8 +439,8 @@ def _main(argv, prog) -> int:
                 check_input_file(args.prompt, "Prompt file")
             ckpt = args.ckpt or default_checkpoint()
             say(f"loading MuCodec from {ckpt} on {args.device} ({args.dtype})")
-            codec = MuCodec.from_pretrained(ckpt, device=args.device, dtype=api.DTYPES[args.dtype],
-                                            audioldm_dtype=api.DTYPES[args.audioldm_dtype],
+            codec = MuCodec.from_pretrained(ckpt, device=args.device, dtype=DTYPES[args.dtype],
+                                            audioldm_dtype=DTYPES[args.audioldm_dtype],
                                             encoder_only=all(j.kind == "encode" for j in todo),
                                             revision=args.revision, progress=progress)
             prompt = codec.prepare_prompt(args.prompt) if args.prompt else None

@@ -23,7 +23,7 @@ import torch
 
 import generate
 import mucodec
-from mucodec import api, checkpoint, cli
+from mucodec import api, checkpoint, cli, precision
 from mucodec.codec import CodecConfig, MuCodec
 from mucodec.flow import FlowDecoderConfig
 from mucodec.errors import (ArgumentError, AudioError, CheckpointError, CodesError, MuCodecError, NumericalError,
@@ -227,7 +227,7 @@ def test_flags_reach_the_codec(tmp_path, fake):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bfloat16_on_the_cpu(tmp_path, monkeypatch, capsys, native):
-    monkeypatch.setattr(api, "native_bfloat16", lambda device="cpu": native)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device="cpu": native)
     assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o1", "--dtype", "bfloat16", "--device", "cpu", "-q") == 0
     assert FakeCodec.built[0]["dtype"] == torch.bfloat16
     # without native bfloat16 (measured: a DiT forward 7x slower than in float32) the user is told, even under -q
@@ -241,7 +241,7 @@ def test_bfloat16_on_the_cpu(tmp_path, monkeypatch, capsys, native):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_vae_and_vocoder_precision_is_asked_for(tmp_path, monkeypatch, capsys, native):
-    monkeypatch.setattr(api, "native_bfloat16", lambda device="cpu": native)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device="cpu": native)
     assert run(tone(tmp_path / "a.wav"), "-o", tmp_path / "o1", "--device", "cpu", "-q") == 0
     assert FakeCodec.built[-1]["audioldm_dtype"] == torch.float32 and FakeCodec.built[-1]["dtype"] == torch.float32
     assert run(tone(tmp_path / "b.wav"), "-o", tmp_path / "o2", "--audioldm-dtype", "bfloat16", "--device", "cpu",
@@ -252,14 +252,14 @@ def test_the_vae_and_vocoder_precision_is_asked_for(tmp_path, monkeypatch, capsy
 
 
 def test_load_model_warns_where_bfloat16_is_emulated(monkeypatch):
-    monkeypatch.setattr(api, "native_bfloat16", lambda device="cpu": torch.device(device).type != "cpu")
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device="cpu": torch.device(device).type != "cpu")
     with pytest.warns(RuntimeWarning, match="no native bfloat16"):
         api.load_model("somewhere", device="cpu", dtype="bfloat16")
     assert api.precision_warning(torch.float32, "cpu") is None and api.precision_warning("bfloat16", "cuda") is None
 
 
 def test_load_model_takes_the_vae_and_vocoder_precision(monkeypatch):
-    monkeypatch.setattr(api, "native_bfloat16", lambda device="cpu": False)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device="cpu": False)
     with pytest.raises(ArgumentError, match="audioldm_dtype 'int8' is not supported; use one of float32"):
         api.load_model("somewhere", device="cpu", audioldm_dtype="int8")
     with pytest.warns(RuntimeWarning, match="bfloat16 makes the VAE and vocoder several times slower"):

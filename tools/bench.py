@@ -45,9 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mucodec.api import DTYPES, pick_device  # noqa: E402
 from mucodec import files, kernels  # noqa: E402
-from mucodec.codec import MuCodec  # noqa: E402
+from mucodec.codec import DTYPES, MuCodec, pick_device  # noqa: E402
 
 ALL_STAGES = ("gemm", "load", "sound2code", "dit_step", "vae", "vocoder", "vocoder_official", "window")
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
