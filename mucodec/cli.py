@@ -20,7 +20,6 @@ comparison of each reconstruction with its input (``mucodec.evaluate``).
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import sys
@@ -29,7 +28,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, library, tokens
+from . import checkpoint, library, listing, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL, default_checkpoint
 from .codec import DTYPES, MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec, dtype_name, pick_device
@@ -260,27 +259,11 @@ def _run_library(args, out_dir: Path, say, progress: bool, mode: str) -> int:
 
 def _expand_inputs(inputs: list[str], out_dir: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
     """INPUT arguments -> ([(file, output path relative to OUT without extension)], [(input, error)])."""
-    exts = audio_extensions() | {tokens.EXTENSION}
-    found, failed = [], []
-    for arg in inputs:
-        path = Path(arg)
-        if path.is_dir():
-            listed, skipped = library.list_folder(path, exts, exclude=out_dir)
-            failed += skipped
-            files = [(f, Path(rel).with_suffix("")) for f, rel in listed if f.is_file()]
-            if not files:
-                failed.append((arg, f"The folder {arg} holds no audio or {tokens.EXTENSION} files."))
-            found += files
-        elif os.path.lexists(path):
-            found.append((path, Path(path.stem)))
-        elif any(c in arg for c in "*?["):
-            files = [Path(f) for f in sorted(glob.glob(arg, recursive=True)) if Path(f).is_file()]
-            if not files:
-                failed.append((arg, f"The pattern {arg} matches no file."))
-            found += [(f, Path(f.stem)) for f in files]
-        else:
-            failed.append((arg, f"{arg} does not exist."))
-    return found, failed
+    # Regular files only from folders and patterns: files taken one by one need no row for a dangling link or
+    # a pipe nobody named, whereas a library job keeps them to account for every song.
+    found, failed = listing.expand_inputs(inputs, audio_extensions() | {tokens.EXTENSION}, out_dir,
+                                          what=f"audio or {tokens.EXTENSION} files", keep=Path.is_file)
+    return [(f, Path(rel).with_suffix("")) for f, rel in found], failed
 
 
 def _real(path: Path) -> Path:

@@ -39,7 +39,7 @@ import numpy as np
 from . import files, metrics, tokens
 from .audio import audio_extensions, load_audio
 from .errors import ArgumentError, MuCodecError, OutputError
-from .library.songs import list_folder
+from .listing import list_folder
 from .library.workers import Reader, default_workers
 
 METRICS_VERSION = 1  # bump when a metric's definition changes: older rows are then scored again

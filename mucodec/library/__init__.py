@@ -8,7 +8,7 @@
 
 One machinery, one module per concern:
 
-    songs.py       song ids, listing the inputs, ``--shard I/N`` and job tags
+    songs.py       song ids, the songs of the inputs, ``--shard I/N`` and job tags
     store.py       a job's output folder: fingerprint, manifest, error rows, state read back at every start, report
     parquet.py     the shard schema, writing a shard, reading a token library back
     workers.py     worker processes running a function per item: bounded prefetch, crash isolation, no orphans
@@ -16,6 +16,9 @@ One machinery, one module per concern:
     ray_engine.py  the same on Ray Data (imported only for ``engine="ray"``)
     encode.py      the encode job: window packing, reading audio, parquet shards and .mct files
     decode.py      the decode job: token inputs, continuous batching across songs, writer threads, audio files
+
+Listing the inputs (:mod:`mucodec.listing`) lives outside the package, since the command line and the
+evaluation read folders the same way without needing the jobs.
 
 The encode job's output folder (format ``parquet``; ``mct`` writes ``<path without extension>.mct`` per song
 instead, ``both`` does both)::
@@ -41,7 +44,8 @@ from .decode import (DEFAULT_BATCH as DEFAULT_DECODE_BATCH, AudioLibrary, AudioW
 from ..audio import AUDIO_FORMATS
 from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local, summary_line
 from .parquet import FlatCodes, iter_codes, load_flat, read_library, write_shard
-from .songs import Song, expand_inputs, glob_files, in_shard, job_tag, list_folder, parse_shard, scan, song_id
+from ..listing import expand_inputs, glob_files, list_folder
+from .songs import Song, in_shard, job_tag, parse_shard, scan, song_id
 from .store import State, Store, error_row, machine, read_errors
 from .workers import Reader, default_workers
 

@@ -46,8 +46,9 @@ import torch
 from .. import audio, files, tokens
 from ..codec import dtype_name
 from ..errors import ArgumentError, MuCodecError, OutputError, StorageError, TokenFileError
+from ..listing import expand_inputs, glob_files, list_folder
 from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
-from .songs import expand_inputs, glob_files, in_shard, list_folder, song_id
+from .songs import in_shard, song_id
 from .store import MACHINES, Store, error_row, machine
 
 # Bump when a change to the code makes different audio from the same codes, weights and settings.
