@@ -17,7 +17,7 @@ Output folder (the reconstruction folder unless ``-o``), each file written atomi
 
 Resume: metrics.csv is committed every few pairs; a pair whose row there was made from the same files (sizes
 and modification times) by the same metric code is not scored again. Metrics run in worker processes
-(:class:`mucodec.library.Reader`). Only this module and the report need the evaluation extra.
+(:class:`mucodec.workers.Reader`). Only this module and the report need the evaluation extra.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from . import files, metrics, tokens
 from .audio import audio_extensions, load_audio
 from .errors import ArgumentError, MuCodecError, OutputError
 from .listing import list_folder
-from .library.workers import Reader, default_workers
+from .workers import Reader, default_workers
 
 METRICS_VERSION = 1  # bump when a metric's definition changes: older rows are then scored again
 COMMIT_PAIRS, COMMIT_SECONDS = 10, 60.0

@@ -11,14 +11,13 @@ One machinery, one module per concern:
     songs.py       song ids, the songs of the inputs, ``--shard I/N`` and job tags
     store.py       a job's output folder: fingerprint, manifest, error rows, state read back at every start, report
     parquet.py     the shard schema, writing a shard, reading a token library back
-    workers.py     worker processes running a function per item: bounded prefetch, crash isolation, no orphans
     engine.py      the local engine: items -> worker reads -> the job's batcher -> the job's sink; plans, reports
     ray_engine.py  the same on Ray Data (imported only for ``engine="ray"``)
     encode.py      the encode job: window packing, reading audio, parquet shards and .mct files
     decode.py      the decode job: token inputs, continuous batching across songs, writer threads, audio files
 
-Listing the inputs (:mod:`mucodec.listing`) lives outside the package, since the command line and the
-evaluation read folders the same way without needing the jobs.
+Listing the inputs (:mod:`mucodec.listing`) and the worker processes (:mod:`mucodec.workers`) live outside the
+package, since the evaluation reads folders the same way without needing the jobs.
 
 The encode job's output folder (format ``parquet``; ``mct`` writes ``<path without extension>.mct`` per song
 instead, ``both`` does both)::
@@ -45,9 +44,9 @@ from ..audio import AUDIO_FORMATS
 from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local, summary_line
 from .parquet import FlatCodes, iter_codes, load_flat, read_library, write_shard
 from ..listing import expand_inputs, glob_files, list_folder
+from ..workers import Reader, default_workers
 from .songs import Song, in_shard, job_tag, parse_shard, scan, song_id
 from .store import State, Store, error_row, machine, read_errors
-from .workers import Reader, default_workers
 
 __all__ = ["AUDIO_FORMATS", "AudioLibrary", "AudioWriter", "DEFAULT_DECODE_BATCH", "DecodeJob", "SongDecoder",
            "TokenSong", "decode_library", "expand_inputs", "glob_files", "is_token_input", "read_tokens",

@@ -24,11 +24,11 @@ import torch
 from .. import audio, files, tokens
 from ..codec import dtype_name
 from ..errors import ArgumentError, MuCodecError, OutputError, StorageError
+from ..workers import default_workers
 from . import parquet
 from .engine import COMMIT_SECONDS, SHARD_SONGS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import Song, in_shard, scan
 from .store import MACHINES, Store, committed_files as store_files, dumps, error_row, machine
-from .workers import default_workers
 
 # Bump when a change to the code makes different codes from the same audio and weights: old output
 # then no longer matches the fingerprint and is refused instead of being silently mixed with new codes.

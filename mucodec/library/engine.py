@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ..errors import MuCodecError, OutputError, StorageError
+from ..workers import Reader
 from .songs import in_shard
 from .store import Store, error_row
-from .workers import Reader
 
 SHARD_SONGS = 1000  # songs per commit
 COMMIT_SECONDS = 600.0  # and at least one commit every so often, so a crash loses little

@@ -27,9 +27,9 @@ import warnings
 import numpy as np
 
 from ..errors import ArgumentError, MuCodecError, StorageError
+from ..workers import call_safely
 from .engine import Stats, abort
 from .store import Store, error_row
-from .workers import call_safely
 
 MAX_RETRIES = 2  # per task / actor: a file that crashes its process is tried 1 + MAX_RETRIES times
 STORAGE = "storage"  # the stage of a song stopped by a full disk: never committed as the song's error

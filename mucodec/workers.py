@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 
-from ..errors import MuCodecError
+from .errors import MuCodecError
 
 PARENT_POLL_SECONDS = 0.5
 
