@@ -20,9 +20,9 @@ from .errors import ArgumentError
 from .precision import pick_audioldm_dtype, pick_dtype, precision_warnings
 
 # Code written against this module finds these here still; they live in the layers below that use them.
-from .checkpoint import REPO_ROOT  # noqa: E402,F401
-from .codec import DTYPES, dtype_name  # noqa: E402,F401
-from .precision import native_bfloat16, precision_warning  # noqa: E402,F401
+from .checkpoint import REPO_ROOT  # noqa: F401
+from .codec import DTYPES, dtype_name  # noqa: F401
+from .precision import native_bfloat16, precision_warning  # noqa: F401
 
 _current: tuple[tuple, MuCodec] | None = None
 
