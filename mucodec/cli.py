@@ -32,7 +32,8 @@ from pathlib import Path
 from . import api, library, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
-from .codec import MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec, dtype_name
+from .checks import MAX_BATCH, MAX_STEPS
+from .codec import CodecConfig, MuCodec, dtype_name
 from .errors import ArgumentError, AudioError, MuCodecError, OutputError, StorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

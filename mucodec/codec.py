@@ -11,18 +11,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import audio, tokens
+from .checks import MAX_BATCH, MAX_STEPS, check_count, check_generator, check_guidance
 from .checkpoint import DECODER_STAGES, DEFAULT_REPO, ENCODER_STAGES, Checkpoints, resolve_files, roles_of
 from .errors import ArgumentError, AudioError, CheckpointError, NumericalError
 
 
-# Bounds of user arguments: far above any sensible use, low enough that a typo cannot run for days.
-MAX_STEPS = 1000
-MAX_BATCH = 256
 # The precisions a codec runs in, by the names the command line, fingerprints and messages use.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -215,7 +212,7 @@ class MuCodec:
         repeated), encoded ``batch_size`` windows at a time, and the codes cut to T.
         """
         wav = self._audio(audio, sample_rate)
-        return self._encode(wav, _count("batch_size", batch_size, self.config.encoder_batch_size, MAX_BATCH))
+        return self._encode(wav, check_count("batch_size", batch_size, self.config.encoder_batch_size, MAX_BATCH))
 
     def _encode(self, wav: torch.Tensor, batch_size: int) -> torch.Tensor:
         """(2, N) float32 at 48 kHz -> LongTensor (1, 1, T): the official encoder window schedule."""
@@ -319,11 +316,11 @@ class MuCodec:
         c = self.config
         codes, limit = self._codes(codes)
         if num_samples is not None:
-            limit = min(limit, _count("num_samples", num_samples, None, None))
+            limit = min(limit, check_count("num_samples", num_samples, None, None))
         opts = DecodeOptions(
-            num_steps=_count("num_steps", num_steps, c.code2sound_steps, MAX_STEPS),
-            guidance_scale=_guidance(guidance_scale, c.guidance_scale),
-            generator=_generator(seed, generator),
+            num_steps=check_count("num_steps", num_steps, c.code2sound_steps, MAX_STEPS),
+            guidance_scale=check_guidance(guidance_scale, c.guidance_scale),
+            generator=check_generator(seed, generator),
             fast_vocoder=bool(fast_vocoder))
         if prompt is not None:
             self._require_encoder()
@@ -357,14 +354,14 @@ class MuCodec:
         self._require_decoder()
         codes, limit = self._codes(codes, where)
         if num_samples is not None:
-            limit = min(limit, _count("num_samples", num_samples, None, None))
-        return SongDecode(self, codes, limit, _generator(seed, generator))
+            limit = min(limit, check_count("num_samples", num_samples, None, None))
+        return SongDecode(self, codes, limit, check_generator(seed, generator))
 
     def decode_options(self, *, num_steps: int | None = None, guidance_scale: float | None = None,
                        fast_vocoder: bool = True) -> "DecodeOptions":
         """Checked settings shared by every song of a :meth:`decode_step` batch."""
-        return DecodeOptions(num_steps=_count("num_steps", num_steps, self.config.code2sound_steps, MAX_STEPS),
-                             guidance_scale=_guidance(guidance_scale, self.config.guidance_scale),
+        return DecodeOptions(num_steps=check_count("num_steps", num_steps, self.config.code2sound_steps, MAX_STEPS),
+                             guidance_scale=check_guidance(guidance_scale, self.config.guidance_scale),
                              generator=None, fast_vocoder=bool(fast_vocoder))
 
     def decode_step(self, songs: list["SongDecode"], opts: "DecodeOptions", callback=None) -> list[list[torch.Tensor]]:
@@ -753,42 +750,6 @@ class OverlapAdd:
             return
         self._tail = wav[:, self.hop:]
         yield wav[:, : self.hop]
-
-
-def _count(name: str, value, default, maximum):
-    """A whole number >= 1 (at most ``maximum``), ``default`` for None; else ArgumentError."""
-    if value is None and default is not None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or (
-            maximum is not None and value > maximum):
-        limit = f" and at most {maximum}" if maximum is not None else ""
-        raise ArgumentError(f"{name} must be a whole number of at least 1{limit}, got {value!r}.")
-    return int(value)
-
-
-def _guidance(value, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
-            or value < 1:
-        raise ArgumentError(f"guidance_scale must be a finite number of at least 1 (1 turns guidance off), "
-                            f"got {value!r}.")
-    return float(value)
-
-
-def _generator(seed, generator):
-    if seed is not None and generator is not None:
-        raise ArgumentError("Pass seed or generator, not both.")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise ArgumentError("generator must be a CPU torch.Generator (noise is drawn on the CPU, as the "
-                                "official code does).")
-        return generator
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 64:
-        raise ArgumentError(f"seed must be a whole number in [0, 2**64), got {seed!r}.")
-    return torch.Generator().manual_seed(int(seed))
 
 
 def _randn(shape, generator, device) -> torch.Tensor:

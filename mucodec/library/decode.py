@@ -608,13 +608,14 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     """
     from .. import api
     from ..checkpoint import DECODER_STAGES, resolve_files, roles_of
-    from ..codec import CodecConfig, MAX_STEPS, _count, _guidance
+    from ..checks import MAX_BATCH, MAX_STEPS, check_count, check_guidance
+    from ..codec import CodecConfig
 
     start = time.perf_counter()
     cfg = CodecConfig()
-    steps = _count("steps", steps, cfg.code2sound_steps, MAX_STEPS)
-    guidance = _guidance(guidance, cfg.guidance_scale)
-    batch = _count("decode_batch", decode_batch, DEFAULT_BATCH, 256)
+    steps = check_count("steps", steps, cfg.code2sound_steps, MAX_STEPS)
+    guidance = check_guidance(guidance, cfg.guidance_scale)
+    batch = check_count("decode_batch", decode_batch, DEFAULT_BATCH, MAX_BATCH)
     workers = 1 if workers is None else int(workers)
     if engine not in ("local", "ray"):
         raise ArgumentError(f"engine {engine!r} is not one of local, ray.")
