@@ -29,10 +29,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import api, library, tokens
+from . import api, checks, decoding, library, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
-from .checks import MAX_BATCH, MAX_STEPS
 from .codec import CodecConfig, MuCodec, dtype_name
 from .errors import ArgumentError, AudioError, MuCodecError, OutputError, StorageError
 
@@ -155,10 +154,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Everything about the command line that can be wrong, found before any file is touched (exit 2)."""
-    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
-        parser.error(f"--steps must lie in [1, {MAX_STEPS}]")
-    if not 1 <= args.batch_size <= MAX_BATCH:
-        parser.error(f"--batch-size must lie in [1, {MAX_BATCH}]")
+    if args.steps is not None and not 1 <= args.steps <= checks.MAX_STEPS:
+        parser.error(f"--steps must lie in [1, {checks.MAX_STEPS}]")
+    if not 1 <= args.batch_size <= checks.MAX_BATCH:
+        parser.error(f"--batch-size must lie in [1, {checks.MAX_BATCH}]")
     if not (math.isfinite(args.guidance) and args.guidance >= 1):
         parser.error("--guidance must be a finite number of at least 1 (1 turns guidance off)")
     if args.seed is not None and not 0 <= args.seed < 2 ** 64:
@@ -187,8 +186,8 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
                                           ("--audioldm-dtype", args.audioldm_dtype != "float32")) if on]
     if decode_flags and args.encode:
         parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")
-    if args.decode_batch is not None and not 1 <= args.decode_batch <= MAX_BATCH:
-        parser.error(f"--decode-batch must lie in [1, {MAX_BATCH}]")
+    if args.decode_batch is not None and not 1 <= args.decode_batch <= checks.MAX_BATCH:
+        parser.error(f"--decode-batch must lie in [1, {checks.MAX_BATCH}]")
     if args.shard is not None:
         try:
             args.shard = library.parse_shard(args.shard)
@@ -442,7 +441,7 @@ def _main(argv, prog) -> int:
                                             audioldm_dtype=api.DTYPES[args.audioldm_dtype],
                                             encoder_only=all(j.kind == "encode" for j in todo),
                                             revision=args.revision, progress=progress)
-            prompt = codec.prepare_prompt(args.prompt) if args.prompt else None
+            prompt = decoding.prepare_prompt(codec, args.prompt) if args.prompt else None
         except MuCodecError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_FAILED

@@ -1,7 +1,7 @@
 """The command line (mucodec.cli, run by generate.py) and the notebook API (mucodec.api), end to end.
 
 Most tests replace ``MuCodec.from_pretrained`` with a fake codec: a MuCodec whose model stages
-(``_encode``, ``_decode``) are fast and deterministic while everything around them (argument checks,
+(``_encode``, ``decode_checked``) are fast and deterministic while everything around them (argument checks,
 audio and token files, streaming output, errors) is the real code. The tests at the end run the real
 MuCodec on the tiny checkpoints.
 """
@@ -65,7 +65,7 @@ class FakeCodec(MuCodec):
         frames = torch.nn.functional.pad(wav.abs().mean(0), (0, T * 1920 - wav.shape[-1])).reshape(T, 1920)
         return (frames.mean(1) * 1e5).long().remainder(16384).reshape(1, 1, T)
 
-    def _decode(self, codes, limit, opts, prompt, noise):
+    def decode_checked(self, codes, limit, opts, prompt, noise):
         assert codes.dtype == torch.int64 and codes.ndim == 3 and codes.shape[:2] == (1, 1)
         self.calls.append(("decode", dict(num_steps=opts.num_steps, guidance_scale=opts.guidance_scale,
                                           prompt=prompt, seeded=opts.generator is not None,
@@ -468,12 +468,12 @@ def test_batch_keeps_going_and_summarises(tmp_path, capsys):
 
 def _broken(monkeypatch, decode):
     """Make the fake decoder call ``decode(codes, pieces)`` for its pieces."""
-    real = FakeCodec._decode
+    real = FakeCodec.decode_checked
 
-    def _decode(self, codes, limit, opts, prompt, noise):
+    def decode_checked(self, codes, limit, opts, prompt, noise):
         return decode(codes, real(self, codes, limit, opts, prompt, noise))
 
-    monkeypatch.setattr(FakeCodec, "_decode", _decode)
+    monkeypatch.setattr(FakeCodec, "decode_checked", decode_checked)
 
 
 def test_codec_errors_and_bugs_do_not_stop_the_batch(tmp_path, capsys, monkeypatch):

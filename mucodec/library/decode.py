@@ -43,8 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import audio, files, tokens
-from ..codec import dtype_name
+from .. import audio, decoding, files, tokens
+from ..checks import MAX_BATCH, MAX_STEPS, check_count, check_guidance
+from ..codec import CodecConfig, dtype_name
 from ..errors import ArgumentError, MuCodecError, OutputError, StorageError, TokenFileError
 from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
 from .songs import expand_inputs, glob_files, in_shard, list_folder, song_id
@@ -384,7 +385,7 @@ class SongDecoder:
     """The decode job's batcher: songs' codes in, committed audio files out.
 
     Songs wait until a slot of the batch is free; every step runs the next window of every song in the
-    batch (:meth:`MuCodec.decode_step`); a song that finishes frees its slot for the next song's first
+    batch (:func:`decoding.decode_step`); a song that finishes frees its slot for the next song's first
     window. A step that fails fails the songs in it, and only them.
     """
 
@@ -397,8 +398,8 @@ class SongDecoder:
     def add(self, song: TokenSong, got: dict) -> list[tuple]:
         if got.get("header") is not None:  # a token file made for another model is refused by name
             tokens.check_compatible(got["header"], self.codec.token_spec, song.file)
-        dec = self.codec.start_decode(got["codes"], num_samples=got.get("num_samples"),
-                                      seed=song_seed(self.seed, song.song_id), where=f"The codes of {_where(song)}")
+        dec = decoding.start_decode(self.codec, got["codes"], num_samples=got.get("num_samples"),
+                                    seed=song_seed(self.seed, song.song_id), where=f"The codes of {_where(song)}")
         self.waiting.append((song, dec))
         failed = []
         while len(self.active) + len(self.waiting) >= self.batch_size:
@@ -428,7 +429,7 @@ class SongDecoder:
             self.writer.open(song, self.dst(song))
             self.active.append((song, dec))
         try:
-            pieces = self.codec.decode_step([dec for _, dec in self.active], self.opts)
+            pieces = decoding.decode_step(self.codec, [dec for _, dec in self.active], self.opts)
         except Exception as e:  # out of memory, damaged weights, a bug: this batch's songs fail, the job goes on
             why = _failure(e, self.batch_size)
             failed = [(song, None, why) for song, _ in self.active]
@@ -548,8 +549,8 @@ class DecodeJob(ModelJob):
 
     def batcher(self) -> SongDecoder:
         self.model(decoder_only=True, offload=self.offload, audioldm_dtype=self.audioldm_dtype)
-        opts = self.codec.decode_options(num_steps=self.steps, guidance_scale=self.guidance,
-                                         fast_vocoder=self.fast_vocoder)
+        opts = decoding.decode_options(self.codec, num_steps=self.steps, guidance_scale=self.guidance,
+                                       fast_vocoder=self.fast_vocoder)
         lib = AudioLibrary(self.out, self.audio_format, self.shard)
         return SongDecoder(self.codec, opts, self.batch_size, self.seed, lib.audio_path,
                            AudioWriter(self.codec.sample_rate, self.audio_format, record=lib.record), self.log)
@@ -608,8 +609,6 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     """
     from .. import api
     from ..checkpoint import DECODER_STAGES, resolve_files, roles_of
-    from ..checks import MAX_BATCH, MAX_STEPS, check_count, check_guidance
-    from ..codec import CodecConfig
 
     start = time.perf_counter()
     cfg = CodecConfig()
