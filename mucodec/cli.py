@@ -10,7 +10,7 @@
     python3 generate.py music/ -o out/ --evaluate                  # reconstruct, then metrics and report.html
 
 A layer over the package: inputs are expanded and every output decided before the model loads (so
-refusals cost nothing), then each file goes through ``MuCodec.encode_file`` / ``decode_file`` /
+refusals cost nothing), then each file goes through ``compress.encode_file`` / ``decode_file`` /
 ``reconstruct_file``. A failing file is reported in one sentence and the batch goes on. ``--encode`` of a
 folder (or with any library option) runs the encode job of ``mucodec.library`` instead, and token inputs
 that are more than single token files (a token library, tables, arrays, folders of token files) run its
@@ -29,7 +29,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import api, checks, decoding, library, tokens
+from . import api, checks, compress, decoding, library, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
 from .codec import CodecConfig, MuCodec, dtype_name
@@ -359,18 +359,18 @@ def run_job(codec: MuCodec, job: Job, args, prompt) -> None:
     except OSError as e:
         raise OutputError(f"Cannot create the output folder {job.dst.parent}: {e.strerror or e}.") from None
     if job.kind == "encode":
-        codec.encode_file(job.src, job.dst, batch_size=args.batch_size)
+        compress.encode_file(codec, job.src, job.dst, batch_size=args.batch_size)
         return
-    options = dict(guidance_scale=args.guidance, prompt=prompt, seed=args.seed,
-                   fast_vocoder=not args.official_vocoder)
+    options = dict(guidance_scale=args.guidance, prompt=prompt, seed=args.seed, fast_vocoder=not args.official_vocoder)
     if job.kind == "decode":
-        codec.decode_file(job.src, job.dst, num_steps=args.steps, **options)
+        compress.decode_file(codec, job.src, job.dst, num_steps=args.steps, **options)
     elif args.evaluate:  # through a token file, whose payload is the bitrate; the audio is the same
-        codec.encode_file(job.src, token_path(job), batch_size=args.batch_size)
+        compress.encode_file(codec, job.src, token_path(job), batch_size=args.batch_size)
         steps = codec.config.sound2sound_steps if args.steps is None else args.steps
-        codec.decode_file(token_path(job), job.dst, num_steps=steps, **options)
+        compress.decode_file(codec, token_path(job), job.dst, num_steps=steps, **options)
     else:
-        codec.reconstruct_file(job.src, job.dst, batch_size=args.batch_size, num_steps=args.steps, **options)
+        compress.reconstruct_file(codec, job.src, job.dst, batch_size=args.batch_size, num_steps=args.steps,
+                                  **options)
 
 
 def main(argv=None, prog: str | None = None) -> int:

@@ -9,7 +9,6 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -364,49 +363,6 @@ class MuCodec:
             self._encoder_vae = ckpts.load(["vae_encoder"])["vae_encoder"].eval().to(self.device)
             self._sources.update(ckpts.sources(["vae_encoder"]))
         return self._encoder_vae
-
-    # ------------------------------------------------------------------------------------------
-    # Files
-    # ------------------------------------------------------------------------------------------
-    def encode_file(self, src, dst, *, batch_size: int | None = None) -> Path:
-        """Audio file ``src`` -> token file ``dst`` (``.mct``, written atomically). Returns ``dst``.
-
-        The token file records the length of the audio at 48 kHz (decoders cut to it) and the rate
-        and channel count of ``src`` as stored.
-        """
-        info = audio.audio_info(src)
-        wav = audio.load_audio(src, self.sample_rate)
-        codes = self.sound2code(wav, batch_size=batch_size)
-        return tokens.save_codes(dst, codes, num_samples=wav.shape[-1], original_sample_rate=info.sample_rate,
-                                 original_channels=info.channels, **self._token_fields())
-
-    def decode_file(self, src, dst, **options) -> Path:
-        """Token file ``src`` -> 48 kHz stereo ``dst`` (32-bit float WAV; 24-bit FLAC when it ends in .flac),
-        written window by window into a temporary file renamed at the end (a failure leaves nothing).
-        ``options`` as :meth:`code2sound`."""
-        return self._write(dst, self.iter_decode(src, **options))
-
-    def reconstruct_file(self, src, dst, *, batch_size: int | None = None, num_steps: int | None = None,
-                         **options) -> Path:
-        """Audio file ``src`` -> encoded and decoded (the official ``sound2sound``, 50 steps) -> WAV ``dst``,
-        cut to the input's length and written as :meth:`decode_file` does."""
-        wav = audio.load_audio(src, self.sample_rate)
-        codes = self.sound2code(wav, batch_size=batch_size)
-        n = wav.shape[-1]
-        del wav  # the decoder never needs the input again: hold only the codes
-        steps = self.config.sound2sound_steps if num_steps is None else num_steps
-        return self._write(dst, self.iter_decode(codes, num_samples=n, num_steps=steps, **options))
-
-    def _write(self, dst, pieces) -> Path:
-        # the name says the format: .flac is FLAC (24-bit), anything else float WAV
-        fmt = "flac" if Path(dst).suffix.lower() == ".flac" else "wav"
-        with audio.audio_writer(dst, self.sample_rate, 2, fmt) as write:
-            for piece in pieces:
-                write(piece)
-        return Path(dst)
-
-    def _token_fields(self) -> dict:
-        return {k: v for k, v in self.token_spec.items() if k != "num_codebooks"}
 
 
 class EncoderWindows:
