@@ -1,7 +1,8 @@
-"""The codec: loads the three checkpoints and runs the official window schedules.
+"""The codec: loads the three checkpoints, runs the official encoder window schedule and the decoder's stages.
 
 ``sound2code``: 48 kHz stereo -> one stream of 14-bit codes at 25 Hz.
-``code2sound``: codes -> 48 kHz stereo, 40.96 s windows of flow-matching latents, VAE, vocoder.
+``code2sound``: codes -> 48 kHz stereo, 40.96 s windows of flow-matching latents, VAE, vocoder. The windows'
+schedule lives in ``decoding.py``, which runs the stage calls here (``decode_window``, ``latents_to_wave``).
 """
 from __future__ import annotations
 
@@ -134,7 +135,6 @@ class MuCodec:
         self._audioldm_path = audioldm_path
         self._encoder_vae = None  # the VAE encoder half, loaded on the first prompt
 
-    # ------------------------------------------------------------------------------------------
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
@@ -189,9 +189,7 @@ class MuCodec:
         codec._sources = ckpts.sources(stages)
         return codec
 
-    # ------------------------------------------------------------------------------------------
-    # Encoding
-    # ------------------------------------------------------------------------------------------
+    # ---- encoding --------------------------------------------------------------------------------
     @torch.inference_mode()
     def sound2code(self, audio, *, sample_rate: int | None = None, batch_size: int | None = None) -> torch.Tensor:
         """Audio -> codes, exactly as the official ``sound2code``.
@@ -263,19 +261,13 @@ class MuCodec:
         self._check_finite(z_e, "quantizer", "The quantizer")
         return codes
 
-    # ------------------------------------------------------------------------------------------
-    # Decoding: the schedule is decoding.py's; these stage calls are what it runs
-    # ------------------------------------------------------------------------------------------
-    # the one-song functions as methods, the notebook API (a function whose first argument is the codec)
+    # ---- decoding: decoding.py runs the schedule on the stage calls below ------------------------
+    # its one-song functions are methods, the notebook API (a function taking the codec first binds as one)
     code2sound = decoding.code2sound
     iter_decode = decoding.iter_decode
     sound2sound = decoding.sound2sound
     # decoding.iter_decode runs the model work through the codec, so a subclass can replace it
     decode_checked = decoding.decode_checked
-
-    def require_decoder(self):
-        if self.flow is None:
-            raise CheckpointError("This MuCodec was loaded with encoder_only=True; load it again without it to decode.")
 
     @torch.inference_mode()
     def decode_window(self, codes: torch.Tensor, true_latents: torch.Tensor, incontext: int, x0: torch.Tensor,
@@ -304,6 +296,16 @@ class MuCodec:
                 wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder, num_samples=num_samples).float()
         self._check_finite(wav, "audioldm", "The VAE and vocoder")
         return wav
+
+    def vae_encoder(self):
+        """The VAE's encoder half, which only prompts need: loaded from the AudioLDM file on first use."""
+        if self._encoder_vae is None:
+            if self._audioldm_path is None:
+                raise CheckpointError("prompting needs the VAE encoder of tools/audioldm_48k.pth, which was not loaded.")
+            ckpts = Checkpoints({"audioldm": self._audioldm_path})
+            self._encoder_vae = ckpts.load(["vae_encoder"])["vae_encoder"].eval().to(self.device)
+            self._sources.update(ckpts.sources(["vae_encoder"]))
+        return self._encoder_vae
 
     @contextlib.contextmanager
     def _visiting(self, module):
@@ -336,9 +338,7 @@ class MuCodec:
                     if dtype != torch.float32 else f"{where} is damaged; download it again")
             raise NumericalError(f"{stage} produced NaN or infinite values; {hint}.")
 
-    # ------------------------------------------------------------------------------------------
-    # Inputs
-    # ------------------------------------------------------------------------------------------
+    # ---- inputs ----------------------------------------------------------------------------------
     def read_audio(self, x, sample_rate: int | None = None) -> torch.Tensor:
         """A path or a waveform -> (2, N) float32 at the codec rate, by the rules of ``audio.load_audio``."""
         if isinstance(x, (str, os.PathLike)):
@@ -353,16 +353,6 @@ class MuCodec:
         """What a token file must have been made with to be decoded by this model."""
         return {"frame_rate": self.frame_rate, "codebook_size": self.codebook_size, "sample_rate": self.sample_rate,
                 "layer": self.layer, "num_codebooks": 1}
-
-    def vae_encoder(self):
-        """The VAE's encoder half, which only prompts need: loaded from the AudioLDM file on first use."""
-        if self._encoder_vae is None:
-            if self._audioldm_path is None:
-                raise CheckpointError("prompting needs the VAE encoder of tools/audioldm_48k.pth, which was not loaded.")
-            ckpts = Checkpoints({"audioldm": self._audioldm_path})
-            self._encoder_vae = ckpts.load(["vae_encoder"])["vae_encoder"].eval().to(self.device)
-            self._sources.update(ckpts.sources(["vae_encoder"]))
-        return self._encoder_vae
 
 
 class EncoderWindows:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import audio, tokens
 from .checks import MAX_STEPS, check_count, check_generator, check_guidance
-from .errors import ArgumentError, AudioError
+from .errors import ArgumentError, AudioError, CheckpointError
 
 
 def repeat_to(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -80,7 +80,6 @@ class OverlapAdd:
         yield wav[:, : self.hop]
 
 
-
 class SongDecode:
     """One song's decode as a sequence of windows: what :func:`code2sound` carries from one window
     to the next (codes, the song's own generator, the previous window's latents, the crossfade).
@@ -96,15 +95,15 @@ class SongDecode:
         self.shape = (1, codec.flow.cfg.latent_channels, c.window_latents, codec.flow.cfg.freq_bins)
         codes = codes.to(codec.device)
         self._first = self._randn(self.shape)
-        self.prompt_frames = prompt_codes = 0
+        self.prompt_frames = prefix_codes = 0
         if prompt is not None:
             prompt_latent, prompt_code = prompt_latents(codec, prompt, generator)
             self.prompt_frames = prompt_latent.shape[2]
             self._first = torch.cat([prompt_latent, self._first[:, :, self.prompt_frames:]], 2)
-            prompt_codes = prompt_code.shape[-1]
+            prefix_codes = prompt_code.shape[-1]
             codes = torch.cat([prompt_code.to(codec.device), codes], -1)
         # the official expression (1920 samples per code), kept in float arithmetic
-        self.remaining = min(limit, int((codes.shape[-1] - prompt_codes) / (4 * c.frame_rate) * 4 * c.sample_rate))
+        self.remaining = min(limit, int((codes.shape[-1] - prefix_codes) / (4 * c.frame_rate) * 4 * c.sample_rate))
         self.num_samples = self.remaining
         self.starts = decode_windows(codec, codes.shape[-1])
         padded = c.padded_codes(codes.shape[-1])
@@ -152,10 +151,7 @@ class SongDecode:
         return len(self.starts)
 
 
-
-# ------------------------------------------------------------------------------------------
-# The window plan and the step loop
-# ------------------------------------------------------------------------------------------
+# ---- the window plan and the step loop -----------------------------------------------------------
 def decode_windows(codec, n: int) -> list[int]:
     """Start (in codes) of each decoder window for ``n`` codes: windows of 1024 codes every 768."""
     c = codec.config
@@ -177,7 +173,7 @@ def start_decode(codec, codes, *, num_samples: int | None = None, seed: int | No
     Arguments as :func:`iter_decode` (no prompt or injected noise); ``where`` names the codes in errors.
     A song stepped in any batch gives what ``code2sound(codes, seed=seed)`` gives alone, up to the
     batch-size dependence of the matrix kernels (``tests/test_decode_library.py``)."""
-    codec.require_decoder()
+    require_decoder(codec)
     codes, limit = read_codes(codec, codes, num_samples, where)
     return SongDecode(codec, codes, limit, check_generator(seed, generator))
 
@@ -200,9 +196,7 @@ def decode_step(codec, songs: list[SongDecode], opts: DecodeOptions, callback=No
     return out
 
 
-# ------------------------------------------------------------------------------------------
-# One song: the official functions
-# ------------------------------------------------------------------------------------------
+# ---- one song: the official functions ------------------------------------------------------------
 @torch.inference_mode()
 def code2sound(codec, codes, *, num_steps: int | None = None, guidance_scale: float | None = None,
                prompt=None, prompt_sample_rate: int | None = None, seed: int | None = None,
@@ -233,11 +227,11 @@ def iter_decode(codec, codes, *, num_samples: int | None = None, num_steps: int 
                 seed: int | None = None, generator: torch.Generator | None = None, noise=None,
                 fast_vocoder: bool = True):
     """:func:`code2sound` as a stream: yields (2, n) float32 CPU pieces of the output in order, one per
-    decoder window, so a long song never has to be held whole (``decode_file`` writes them as they
-    come). ``num_samples`` cuts the output shorter (a token file's own length is applied anyway).
+    decoder window, so a long song never has to be held whole (``compress.decode_file`` writes them as
+    they come). ``num_samples`` cuts the output shorter (a token file's own length is applied anyway).
     Arguments are checked before any work starts.
     """
-    codec.require_decoder()
+    require_decoder(codec)
     codes, limit = read_codes(codec, codes, num_samples)
     opts = decode_options(codec, num_steps=num_steps, guidance_scale=guidance_scale, fast_vocoder=fast_vocoder)
     opts = dataclasses.replace(opts, generator=check_generator(seed, generator))
@@ -281,9 +275,12 @@ def sound2sound(codec, audio_in, *, sample_rate: int | None = None, batch_size: 
         fast_vocoder=fast_vocoder)), -1)
 
 
-# ------------------------------------------------------------------------------------------
-# Inputs of a decode: codes, noise, prompt
-# ------------------------------------------------------------------------------------------
+# ---- inputs of a decode: codes, noise, prompt ----------------------------------------------------
+def require_decoder(codec) -> None:
+    if codec.flow is None:
+        raise CheckpointError("This MuCodec was loaded with encoder_only=True; load it again without it to decode.")
+
+
 def read_codes(codec, codes, num_samples: int | None = None, where: str = "codes") -> tuple[torch.Tensor, int]:
     """Codes or a token file -> (LongTensor (1, 1, T), output length limit in samples, cut to ``num_samples``)."""
     if isinstance(codes, (str, os.PathLike)):
