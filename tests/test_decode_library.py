@@ -102,7 +102,8 @@ def test_batched_songs_equal_code2sound_alone(tmp_path, codec, cheap, batch, shu
     if shuffle:
         random.Random(1).shuffle(songs)
     lib = library.AudioLibrary(tmp_path, "wav")
-    dec = SongDecoder(codec, decoding.decode_options(codec, num_steps=2), batch, 7, lib.audio_path, AudioWriter(48000, "wav"))
+    dec = SongDecoder(codec, decoding.decode_options(codec, num_steps=2), batch, 7, lib.audio_path,
+                      AudioWriter(48000, "wav"))
     done = []
     for song, codes in songs:
         done += dec.add(song, {"codes": codes, "num_samples": None})
@@ -123,7 +124,8 @@ def test_continuous_batching_refills_free_slots(tmp_path, codec, cheap):
     8 windows take 4 full steps (a batch kept until all its songs finish would need 5)."""
     lengths = [2000, 100, 100, 100, 100, 100]
     lib = library.AudioLibrary(tmp_path, "wav")
-    dec = SongDecoder(codec, decoding.decode_options(codec, num_steps=1), 2, 0, lib.audio_path, AudioWriter(48000, "wav"))
+    dec = SongDecoder(codec, decoding.decode_options(codec, num_steps=1), 2, 0, lib.audio_path,
+                      AudioWriter(48000, "wav"))
     for k, n in enumerate(lengths):
         dec.add(library.TokenSong(f"{k:016x}", f"s{k}", "-"), {"codes": random_codes(n, k), "num_samples": None})
     dec.flush()
