@@ -5,8 +5,9 @@
     wav = mucodec.code2sound(codes)                      # (2, T * 1920) float32 at 48 kHz
 
     model = mucodec.load_model(".", device="cuda")       # tools/, muq_dev/, ckpt/ of the official layout
-    model.encode_file("song.flac", "song.mct")           # token files (0.35 kbit/s)
-    model.decode_file("song.mct", "song.wav")
+    from mucodec import compress
+    compress.encode_file(model, "song.flac", "song.mct") # token files (0.35 kbit/s)
+    compress.decode_file(model, "song.mct", "song.wav")
 """
 from .api import code2sound, current_model, load_model, sound2code, sound2sound
 from .audio import load_audio, write_wav

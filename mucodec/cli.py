@@ -10,7 +10,7 @@
     python3 generate.py music/ -o out/ --evaluate                  # reconstruct, then metrics and report.html
 
 A layer over the package: inputs are expanded and every output decided before the model loads (so
-refusals cost nothing), then each file goes through ``MuCodec.encode_file`` / ``decode_file`` /
+refusals cost nothing), then each file goes through ``compress.encode_file`` / ``decode_file`` /
 ``reconstruct_file``. A failing file is reported in one sentence and the batch goes on. ``--encode`` of a
 folder (or with any library option) runs the encode job of ``mucodec.library`` instead, and token inputs
 that are more than single token files (a token library, tables, arrays, folders of token files) run its
@@ -28,10 +28,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, library, listing, tokens
+from . import checkpoint, checks, compress, decoding, library, listing, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL, default_checkpoint
-from .codec import DTYPES, MAX_BATCH, MAX_STEPS, CodecConfig, MuCodec, dtype_name, pick_device
+from .codec import DTYPES, CodecConfig, MuCodec, dtype_name, pick_device
 from .errors import ArgumentError, AudioError, MuCodecError, OutputError, StorageError
 from .precision import pick_dtype, precision_warnings
 
@@ -154,10 +154,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Everything about the command line that can be wrong, found before any file is touched (exit 2)."""
-    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
-        parser.error(f"--steps must lie in [1, {MAX_STEPS}]")
-    if not 1 <= args.batch_size <= MAX_BATCH:
-        parser.error(f"--batch-size must lie in [1, {MAX_BATCH}]")
+    if args.steps is not None and not 1 <= args.steps <= checks.MAX_STEPS:
+        parser.error(f"--steps must lie in [1, {checks.MAX_STEPS}]")
+    if not 1 <= args.batch_size <= checks.MAX_BATCH:
+        parser.error(f"--batch-size must lie in [1, {checks.MAX_BATCH}]")
     if not (math.isfinite(args.guidance) and args.guidance >= 1):
         parser.error("--guidance must be a finite number of at least 1 (1 turns guidance off)")
     if args.seed is not None and not 0 <= args.seed < 2 ** 64:
@@ -186,8 +186,8 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
                                           ("--audioldm-dtype", args.audioldm_dtype != "float32")) if on]
     if decode_flags and args.encode:
         parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")
-    if args.decode_batch is not None and not 1 <= args.decode_batch <= MAX_BATCH:
-        parser.error(f"--decode-batch must lie in [1, {MAX_BATCH}]")
+    if args.decode_batch is not None and not 1 <= args.decode_batch <= checks.MAX_BATCH:
+        parser.error(f"--decode-batch must lie in [1, {checks.MAX_BATCH}]")
     if args.shard is not None:
         try:
             args.shard = library.parse_shard(args.shard)
@@ -343,18 +343,18 @@ def run_job(codec: MuCodec, job: Job, args, prompt) -> None:
     except OSError as e:
         raise OutputError(f"Cannot create the output folder {job.dst.parent}: {e.strerror or e}.") from None
     if job.kind == "encode":
-        codec.encode_file(job.src, job.dst, batch_size=args.batch_size)
+        compress.encode_file(codec, job.src, job.dst, batch_size=args.batch_size)
         return
-    options = dict(guidance_scale=args.guidance, prompt=prompt, seed=args.seed,
-                   fast_vocoder=not args.official_vocoder)
+    options = dict(guidance_scale=args.guidance, prompt=prompt, seed=args.seed, fast_vocoder=not args.official_vocoder)
     if job.kind == "decode":
-        codec.decode_file(job.src, job.dst, num_steps=args.steps, **options)
+        compress.decode_file(codec, job.src, job.dst, num_steps=args.steps, **options)
     elif args.evaluate:  # through a token file, whose payload is the bitrate; the audio is the same
-        codec.encode_file(job.src, token_path(job), batch_size=args.batch_size)
+        compress.encode_file(codec, job.src, token_path(job), batch_size=args.batch_size)
         steps = codec.config.sound2sound_steps if args.steps is None else args.steps
-        codec.decode_file(token_path(job), job.dst, num_steps=steps, **options)
+        compress.decode_file(codec, token_path(job), job.dst, num_steps=steps, **options)
     else:
-        codec.reconstruct_file(job.src, job.dst, batch_size=args.batch_size, num_steps=args.steps, **options)
+        compress.reconstruct_file(codec, job.src, job.dst, batch_size=args.batch_size, num_steps=args.steps,
+                                  **options)
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -426,7 +426,7 @@ def _main(argv, prog) -> int:
                                             audioldm_dtype=DTYPES[args.audioldm_dtype],
                                             encoder_only=all(j.kind == "encode" for j in todo),
                                             revision=args.revision, progress=progress)
-            prompt = codec.prepare_prompt(args.prompt) if args.prompt else None
+            prompt = decoding.prepare_prompt(codec, args.prompt) if args.prompt else None
         except MuCodecError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_FAILED

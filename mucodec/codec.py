@@ -1,7 +1,8 @@
-"""The codec: loads the three checkpoints and runs the official window schedules.
+"""The codec: loads the three checkpoints, runs the official encoder window schedule and the decoder's stages.
 
 ``sound2code``: 48 kHz stereo -> one stream of 14-bit codes at 25 Hz.
-``code2sound``: codes -> 48 kHz stereo, 40.96 s windows of flow-matching latents, VAE, vocoder.
+``code2sound``: codes -> 48 kHz stereo, 40.96 s windows of flow-matching latents, VAE, vocoder. The windows'
+schedule lives in ``decoding.py``, which runs the stage calls here (``decode_window``, ``latents_to_wave``).
 """
 from __future__ import annotations
 
@@ -9,20 +10,16 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import audio, tokens
+from . import audio, decoding, tokens
+from .checks import MAX_BATCH, check_count
 from .checkpoint import DECODER_STAGES, DEFAULT_REPO, ENCODER_STAGES, Checkpoints, resolve_files, roles_of
-from .errors import ArgumentError, AudioError, CheckpointError, NumericalError
+from .errors import ArgumentError, CheckpointError, NumericalError
 
 
-# Bounds of user arguments: far above any sensible use, low enough that a typo cannot run for days.
-MAX_STEPS = 1000
-MAX_BATCH = 256
 # The precisions a codec runs in, by the names the command line, fingerprints and messages use.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -107,13 +104,6 @@ def default_device() -> str:
     return "cpu"
 
 
-def _repeat_to(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Concatenate ``x`` with itself (doubling, as the official code does) until it is >= n long."""
-    while x.shape[-1] < n:
-        x = torch.cat([x, x], -1)
-    return x
-
-
 class MuCodec:
     """MuCodec inference: ``sound2code``, ``code2sound``, ``sound2sound``.
 
@@ -145,7 +135,6 @@ class MuCodec:
         self._audioldm_path = audioldm_path
         self._encoder_vae = None  # the VAE encoder half, loaded on the first prompt
 
-    # ------------------------------------------------------------------------------------------
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
@@ -200,9 +189,7 @@ class MuCodec:
         codec._sources = ckpts.sources(stages)
         return codec
 
-    # ------------------------------------------------------------------------------------------
-    # Encoding
-    # ------------------------------------------------------------------------------------------
+    # ---- encoding --------------------------------------------------------------------------------
     @torch.inference_mode()
     def sound2code(self, audio, *, sample_rate: int | None = None, batch_size: int | None = None) -> torch.Tensor:
         """Audio -> codes, exactly as the official ``sound2code``.
@@ -214,8 +201,8 @@ class MuCodec:
         is scaled to a peak of at most 0.8, cut into windows of 40.96 s + 10 ms (short clips are
         repeated), encoded ``batch_size`` windows at a time, and the codes cut to T.
         """
-        wav = self._audio(audio, sample_rate)
-        return self._encode(wav, _count("batch_size", batch_size, self.config.encoder_batch_size, MAX_BATCH))
+        wav = self.read_audio(audio, sample_rate)
+        return self._encode(wav, check_count("batch_size", batch_size, self.config.encoder_batch_size, MAX_BATCH))
 
     def _encode(self, wav: torch.Tensor, batch_size: int) -> torch.Tensor:
         """(2, N) float32 at 48 kHz -> LongTensor (1, 1, T): the official encoder window schedule."""
@@ -228,7 +215,7 @@ class MuCodec:
         bar.close()
         return torch.cat(codes, 0).reshape(1, 1, -1)[..., :num_codes].cpu()
 
-    def _require_encoder(self):
+    def require_encoder(self):
         if self.muq is None:
             raise CheckpointError("This MuCodec was loaded with decoder_only=True; load it again without it to "
                                   "encode audio or use a prompt.")
@@ -239,7 +226,7 @@ class MuCodec:
         Windows encode independently of their batch, so packing the first ``count`` windows of several
         clips into shared batches and cutting each clip's codes to ``num_codes`` equals :meth:`_encode`.
         """
-        self._require_encoder()
+        self.require_encoder()
         c = self.config
         x = wav.to(self.device, torch.float32)
         # float arithmetic exactly as the official code, so the count agrees at every length
@@ -264,7 +251,7 @@ class MuCodec:
     @torch.inference_mode()
     def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
         """One batch of encoder windows (B, 2, L) at 48 kHz -> codes (B, 1, T) (official ``fetch_codes_batch``)."""
-        self._require_encoder()
+        self.require_encoder()
         c = self.config
         mono = audio.prepare_muq_input(x, c.channel_peak, c.sample_rate, self.muq.cfg.sample_rate)
         hidden = self.muq(mono)  # (B, T, 1024)
@@ -274,124 +261,17 @@ class MuCodec:
         self._check_finite(z_e, "quantizer", "The quantizer")
         return codes
 
-    # ------------------------------------------------------------------------------------------
-    # Decoding
-    # ------------------------------------------------------------------------------------------
-    def _require_decoder(self):
-        if self.flow is None:
-            raise CheckpointError("This MuCodec was loaded with encoder_only=True; load it again without it to decode.")
-
-    @torch.inference_mode()
-    def code2sound(self, codes, *, num_steps: int | None = None, guidance_scale: float | None = None,
-                   prompt=None, prompt_sample_rate: int | None = None, seed: int | None = None,
-                   generator: torch.Generator | None = None, noise=None,
-                   fast_vocoder: bool = True) -> torch.Tensor:
-        """Codes -> audio (2, T * 1920) float32 at 48 kHz on the CPU, as the official ``code2sound``.
-
-        ``codes``: LongTensor (1, 1, T), (1, T) or (T,) of integers in [0, 16384), or the path of a
-        ``.mct`` token file (the output is then cut to the length of the audio it was made from).
-        ``num_steps`` Euler steps per window (default 20, the official value); classifier-free
-        ``guidance_scale`` >= 1 (default 1.5; 1 turns guidance off; the official code ignores its
-        argument and always uses 1.5). ``prompt``: reference audio (a path, or a waveform at
-        ``prompt_sample_rate``, default 48 kHz) whose first 10.24 s start the first window.
-        ``seed`` (or a CPU ``generator``) makes decoding reproducible; draws follow the official
-        order. ``noise``: one (1, 32, 512, 32) tensor per window, the initial noise of each window,
-        for bit-exact comparison with the official code. ``fast_vocoder`` (default) computes each mel
-        frame once (plus the chunk edges) instead of running the official overlapping vocoder chunks:
-        ~2.5x less vocoder work, equal to the official chunks up to float rounding (~1e-6);
-        ``fast_vocoder=False`` runs the official schedule.
-        """
-        return torch.cat(list(self.iter_decode(
-            codes, num_steps=num_steps, guidance_scale=guidance_scale, prompt=prompt,
-            prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator, noise=noise,
-            fast_vocoder=fast_vocoder)), -1)
-
-    def iter_decode(self, codes, *, num_samples: int | None = None, num_steps: int | None = None,
-                    guidance_scale: float | None = None, prompt=None, prompt_sample_rate: int | None = None,
-                    seed: int | None = None, generator: torch.Generator | None = None, noise=None,
-                    fast_vocoder: bool = True):
-        """:meth:`code2sound` as a stream: yields (2, n) float32 CPU pieces of the output in order, one per
-        decoder window, so a long song never has to be held whole (``decode_file`` writes them as they
-        come). ``num_samples`` cuts the output shorter (a token file's own length is applied anyway).
-        Arguments are checked before any work starts.
-        """
-        self._require_decoder()
-        c = self.config
-        codes, limit = self._codes(codes)
-        if num_samples is not None:
-            limit = min(limit, _count("num_samples", num_samples, None, None))
-        opts = DecodeOptions(
-            num_steps=_count("num_steps", num_steps, c.code2sound_steps, MAX_STEPS),
-            guidance_scale=_guidance(guidance_scale, c.guidance_scale),
-            generator=_generator(seed, generator),
-            fast_vocoder=bool(fast_vocoder))
-        if prompt is not None:
-            self._require_encoder()
-            prompt = self.prepare_prompt(prompt, sample_rate=prompt_sample_rate)
-        windows = self.decode_windows(codes.shape[-1] + (self._prompt_codes(prompt) if prompt is not None else 0))
-        noise = self._check_noise(noise, len(windows))
-        return self._decode(codes, limit, opts, prompt, noise)
-
-    def _decode(self, codes: torch.Tensor, limit: int, opts: "DecodeOptions", prompt, noise):
-        """Generator behind :meth:`iter_decode`; arguments are already checked.
-
-        Model work runs in inference mode window by window (a mode held across ``yield`` would leak
-        into the caller's code between pieces).
-        """
-        song = SongDecode(self, codes, limit, opts.generator, prompt, noise)
-        bar = tqdm(total=len(song.starts) * opts.num_steps, desc="decode", unit="step", disable=not self.progress,
-                   leave=False)
-        while not song.done:
-            for pieces in self.decode_step([song], opts, callback=lambda *a: bar.update(1)):
-                yield from pieces
-        bar.close()
-
-    def start_decode(self, codes, *, num_samples: int | None = None, seed: int | None = None,
-                     generator: torch.Generator | None = None, where: str = "codes") -> "SongDecode":
-        """One song's decode as a :class:`SongDecode`, for :meth:`decode_step` batches of several songs.
-
-        Arguments as :meth:`iter_decode` (no prompt or injected noise); ``where`` names the codes in errors.
-        A song stepped in any batch gives
-        what ``code2sound(codes, seed=seed)`` gives alone, up to the batch-size dependence of the matrix
-        kernels (see ``tests/test_batch_decode.py``)."""
-        self._require_decoder()
-        codes, limit = self._codes(codes, where)
-        if num_samples is not None:
-            limit = min(limit, _count("num_samples", num_samples, None, None))
-        return SongDecode(self, codes, limit, _generator(seed, generator))
-
-    def decode_options(self, *, num_steps: int | None = None, guidance_scale: float | None = None,
-                       fast_vocoder: bool = True) -> "DecodeOptions":
-        """Checked settings shared by every song of a :meth:`decode_step` batch."""
-        return DecodeOptions(num_steps=_count("num_steps", num_steps, self.config.code2sound_steps, MAX_STEPS),
-                             guidance_scale=_guidance(guidance_scale, self.config.guidance_scale),
-                             generator=None, fast_vocoder=bool(fast_vocoder))
-
-    def decode_step(self, songs: list["SongDecode"], opts: "DecodeOptions", callback=None) -> list[list[torch.Tensor]]:
-        """The next window of each unfinished song, as one batch through the flow decoder (batch 2B with
-        guidance), then each song's window through the VAE and vocoder on its own (one window's VAE
-        activations are GBs; a batch would multiply the peak for no gain on a device one window already
-        fills). Returns, per song, the (2, n) float32 CPU pieces of its output that became final."""
-        inputs = [s.window_inputs() for s in songs]
-        codes, true_latents, x0 = (torch.cat([i[j] for i in inputs]) for j in (0, 1, 3))
-        incontext = [i[2] for i in inputs]
-        latents = self.decode_window(codes, true_latents, incontext[0] if len(songs) == 1 else incontext, x0, opts,
-                                     callback=callback)
-        out = []
-        for song, lat in zip(songs, latents.split(1)):
-            # the song's end can lie inside the window: the vocoder skips what cannot reach it
-            wav = self.latents_to_wave(song.audible(lat), opts.fast_vocoder, num_samples=song.remaining).cpu()
-            out.append(song.take(lat, wav))
-        return out
-
-    def decode_windows(self, n: int) -> list[int]:
-        """Start (in codes) of each decoder window for ``n`` codes: windows of 1024 codes every 768."""
-        c = self.config
-        return list(range(0, c.padded_codes(n) - c.hop_codes, c.hop_codes))
+    # ---- decoding: decoding.py runs the schedule on the stage calls below ------------------------
+    # its one-song functions are methods, the notebook API (a function taking the codec first binds as one)
+    code2sound = decoding.code2sound
+    iter_decode = decoding.iter_decode
+    sound2sound = decoding.sound2sound
+    # decoding.iter_decode runs the model work through the codec, so a subclass can replace it
+    decode_checked = decoding.decode_checked
 
     @torch.inference_mode()
     def decode_window(self, codes: torch.Tensor, true_latents: torch.Tensor, incontext: int, x0: torch.Tensor,
-                      opts: "DecodeOptions", callback=None) -> torch.Tensor:
+                      opts: decoding.DecodeOptions, callback=None) -> torch.Tensor:
         """One window of B songs: codes (B, 1, 1024), in-context latents and initial noise (B, 32, 512, 32),
         ``incontext`` prefix frames (one int, or one per song) -> latents (B, 32, 512, 32)."""
         z_q, _ = self.quantizer.from_codes(codes)
@@ -416,6 +296,16 @@ class MuCodec:
                 wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder, num_samples=num_samples).float()
         self._check_finite(wav, "audioldm", "The VAE and vocoder")
         return wav
+
+    def vae_encoder(self):
+        """The VAE's encoder half, which only prompts need: loaded from the AudioLDM file on first use."""
+        if self._encoder_vae is None:
+            if self._audioldm_path is None:
+                raise CheckpointError("prompting needs the VAE encoder of tools/audioldm_48k.pth, which was not loaded.")
+            ckpts = Checkpoints({"audioldm": self._audioldm_path})
+            self._encoder_vae = ckpts.load(["vae_encoder"])["vae_encoder"].eval().to(self.device)
+            self._sources.update(ckpts.sources(["vae_encoder"]))
+        return self._encoder_vae
 
     @contextlib.contextmanager
     def _visiting(self, module):
@@ -448,10 +338,8 @@ class MuCodec:
                     if dtype != torch.float32 else f"{where} is damaged; download it again")
             raise NumericalError(f"{stage} produced NaN or infinite values; {hint}.")
 
-    # ------------------------------------------------------------------------------------------
-    # Inputs: audio, codes, prompt, noise
-    # ------------------------------------------------------------------------------------------
-    def _audio(self, x, sample_rate) -> torch.Tensor:
+    # ---- inputs ----------------------------------------------------------------------------------
+    def read_audio(self, x, sample_rate: int | None = None) -> torch.Tensor:
         """A path or a waveform -> (2, N) float32 at the codec rate, by the rules of ``audio.load_audio``."""
         if isinstance(x, (str, os.PathLike)):
             if sample_rate is not None:
@@ -460,219 +348,11 @@ class MuCodec:
             return audio.load_audio(x, self.sample_rate)
         return audio.to_stereo(x, sample_rate, self.sample_rate)
 
-    def _codes(self, codes, where: str = "codes") -> tuple[torch.Tensor, int]:
-        """Codes or a token file -> (LongTensor (1, 1, T), output length limit in samples)."""
-        if isinstance(codes, (str, os.PathLike)):
-            codes, header = tokens.load_codes(codes, expect=self.token_spec)
-            return codes, header["num_samples"]
-        codes = tokens.validate_codes(codes, self.codebook_size, where=where, num_codebooks=1)
-        return codes, codes.shape[-1] * self.config.samples_per_code
-
     @property
     def token_spec(self) -> dict:
         """What a token file must have been made with to be decoded by this model."""
         return {"frame_rate": self.frame_rate, "codebook_size": self.codebook_size, "sample_rate": self.sample_rate,
                 "layer": self.layer, "num_codebooks": 1}
-
-    def prepare_prompt(self, prompt, *, sample_rate: int | None = None) -> "Prompt":
-        """Check a prompt once (path or waveform) -> the :class:`Prompt` :meth:`code2sound` accepts as well.
-
-        Only the part the decoder reads is kept (10.24 s, from 20.48 s on for prompts over 30.76 s,
-        as the official code). Too short a prompt (under 2 codes' worth) is an error naming it.
-        """
-        if isinstance(prompt, Prompt):
-            return prompt
-        c = self.config
-        what = f"The prompt {os.fspath(prompt)}" if isinstance(prompt, (str, os.PathLike)) else "The prompt waveform"
-        x = self._audio(prompt, sample_rate)
-        sr = c.sample_rate
-        if x.shape[-1] < int(c.prompt_long_limit * sr):
-            x = x[:, : int(c.prompt_seconds * sr)]
-        else:
-            x = x[:, int(c.prompt_long_start * sr): int((c.prompt_long_start + c.prompt_seconds) * sr)]
-        shortest = c.codes_per_latent * c.samples_per_code  # one latent frame
-        if x.shape[-1] < shortest:
-            raise AudioError(f"{what} is {x.shape[-1] / sr:.3f} s long; a prompt needs at least "
-                             f"{shortest / sr:.2f} s of audio.")
-        return Prompt(x.contiguous())
-
-    def _mel_frames_per_latent(self) -> int:
-        return self.vae.cfg.downsampling if self.vae is not None else 1
-
-    def _prompt_codes(self, prompt: "Prompt") -> int:
-        """Codes the prompt adds in front of the stream (2 per prompt latent frame)."""
-        frames = prompt.wav.shape[-1] // audio.TacotronConfig().hop_length + 1
-        return self.config.codes_per_latent * (frames // self._mel_frames_per_latent())
-
-    @torch.inference_mode()
-    def _prompt_latents(self, prompt: "Prompt", generator):
-        """Prompt -> (latents (1, 32, Tp, 32), codes (1, 1, 2 Tp)) as the official code2sound."""
-        c = self.config
-        x = prompt.wav.to(self.device, torch.float32)
-        log_mel, _ = audio.tacotron_log_mel(x)  # (2, frames, 256)
-        encoder = self._vae_encoder()
-        latents = []
-        for ch in range(log_mel.shape[0]):  # one channel at a time, as the official code
-            mean, logvar = encoder.encode(log_mel[ch][None, None])
-            eps = _randn(mean.shape, generator=generator, device=self.device)
-            latents.append(encoder.sample_latent(mean, logvar, eps))
-        lat = torch.cat(latents, 0)
-        lat = lat.reshape(lat.shape[0] // 2, -1, lat.shape[2], lat.shape[3])
-        codes = self._encode(x, c.encoder_batch_size)[..., : c.codes_per_latent * lat.shape[2]]
-        return lat, codes
-
-    def _check_noise(self, noise, windows: int):
-        if noise is None:
-            return None
-        if isinstance(noise, torch.Tensor) or not isinstance(noise, (list, tuple)):
-            raise ArgumentError("noise must be a list with one tensor per decoder window.")
-        shape = (1, self.flow.cfg.latent_channels, self.config.window_latents, self.flow.cfg.freq_bins)
-        if len(noise) < windows:
-            raise ArgumentError(f"noise holds {len(noise)} tensors but this decode runs {windows} windows; "
-                                f"pass one per window.")
-        for k, t in enumerate(noise[:windows]):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ArgumentError(f"noise[{k}] must be a float tensor of shape {shape}, got {got}.")
-        return list(noise)
-
-    def _vae_encoder(self):
-        if self._encoder_vae is None:
-            if self._audioldm_path is None:
-                raise CheckpointError("prompting needs the VAE encoder of tools/audioldm_48k.pth, which was not loaded.")
-            ckpts = Checkpoints({"audioldm": self._audioldm_path})
-            self._encoder_vae = ckpts.load(["vae_encoder"])["vae_encoder"].eval().to(self.device)
-            self._sources.update(ckpts.sources(["vae_encoder"]))
-        return self._encoder_vae
-
-    @torch.inference_mode()
-    def sound2sound(self, audio_in, *, sample_rate: int | None = None, batch_size: int | None = None,
-                    num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
-                    prompt_sample_rate: int | None = None, seed: int | None = None,
-                    generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True) -> torch.Tensor:
-        """The official round trip ``code2sound(sound2code(audio))`` with 50 steps by default, cut to the
-        input's length: (2, N) float32 at 48 kHz. Arguments as in :meth:`sound2code` and :meth:`code2sound`."""
-        wav = self._audio(audio_in, sample_rate)
-        codes = self.sound2code(wav, batch_size=batch_size)
-        steps = self.config.sound2sound_steps if num_steps is None else num_steps
-        return torch.cat(list(self.iter_decode(
-            codes, num_samples=wav.shape[-1], num_steps=steps, guidance_scale=guidance_scale, prompt=prompt,
-            prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator, noise=noise,
-            fast_vocoder=fast_vocoder)), -1)
-
-    # ------------------------------------------------------------------------------------------
-    # Files
-    # ------------------------------------------------------------------------------------------
-    def encode_file(self, src, dst, *, batch_size: int | None = None) -> Path:
-        """Audio file ``src`` -> token file ``dst`` (``.mct``, written atomically). Returns ``dst``.
-
-        The token file records the length of the audio at 48 kHz (decoders cut to it) and the rate
-        and channel count of ``src`` as stored.
-        """
-        info = audio.audio_info(src)
-        wav = audio.load_audio(src, self.sample_rate)
-        codes = self.sound2code(wav, batch_size=batch_size)
-        return tokens.save_codes(dst, codes, num_samples=wav.shape[-1], original_sample_rate=info.sample_rate,
-                                 original_channels=info.channels, **self._token_fields())
-
-    def decode_file(self, src, dst, **options) -> Path:
-        """Token file ``src`` -> 48 kHz stereo ``dst`` (32-bit float WAV; 24-bit FLAC when it ends in .flac),
-        written window by window into a temporary file renamed at the end (a failure leaves nothing).
-        ``options`` as :meth:`code2sound`."""
-        return self._write(dst, self.iter_decode(src, **options))
-
-    def reconstruct_file(self, src, dst, *, batch_size: int | None = None, num_steps: int | None = None,
-                         **options) -> Path:
-        """Audio file ``src`` -> encoded and decoded (the official ``sound2sound``, 50 steps) -> WAV ``dst``,
-        cut to the input's length and written as :meth:`decode_file` does."""
-        wav = audio.load_audio(src, self.sample_rate)
-        codes = self.sound2code(wav, batch_size=batch_size)
-        n = wav.shape[-1]
-        del wav  # the decoder never needs the input again: hold only the codes
-        steps = self.config.sound2sound_steps if num_steps is None else num_steps
-        return self._write(dst, self.iter_decode(codes, num_samples=n, num_steps=steps, **options))
-
-    def _write(self, dst, pieces) -> Path:
-        # the name says the format: .flac is FLAC (24-bit), anything else float WAV
-        fmt = "flac" if Path(dst).suffix.lower() == ".flac" else "wav"
-        with audio.audio_writer(dst, self.sample_rate, 2, fmt) as write:
-            for piece in pieces:
-                write(piece)
-        return Path(dst)
-
-    def _token_fields(self) -> dict:
-        return {k: v for k, v in self.token_spec.items() if k != "num_codebooks"}
-
-
-class SongDecode:
-    """One song's decode as a sequence of windows: what :meth:`MuCodec.code2sound` carries from one window
-    to the next (codes, the song's own generator, the previous window's latents, the crossfade).
-
-    Noise is drawn from the song's generator in the official order (the first window's in-context
-    latents, the prompt's VAE samples, then per window its fresh in-context frames and its initial
-    noise), so batching songs together never changes what any song draws.
-    """
-
-    def __init__(self, codec: MuCodec, codes: torch.Tensor, limit: int, generator=None, prompt=None, noise=None):
-        c = codec.config
-        self.codec, self.generator, self.noise = codec, generator, noise
-        self.shape = (1, codec.flow.cfg.latent_channels, c.window_latents, codec.flow.cfg.freq_bins)
-        codes = codes.to(codec.device)
-        self._first = self._randn(self.shape)
-        self.prompt_frames = prompt_codes = 0
-        if prompt is not None:
-            prompt_latent, prompt_code = codec._prompt_latents(prompt, generator)
-            self.prompt_frames = prompt_latent.shape[2]
-            self._first = torch.cat([prompt_latent, self._first[:, :, self.prompt_frames:]], 2)
-            prompt_codes = prompt_code.shape[-1]
-            codes = torch.cat([prompt_code.to(codec.device), codes], -1)
-        # the official expression (1920 samples per code), kept in float arithmetic
-        self.remaining = min(limit, int((codes.shape[-1] - prompt_codes) / (4 * c.frame_rate) * 4 * c.sample_rate))
-        self.num_samples = self.remaining
-        self.starts = codec.decode_windows(codes.shape[-1])
-        padded = c.padded_codes(codes.shape[-1])
-        self.codes = _repeat_to(codes, padded)[..., :padded]
-        self.joiner = OverlapAdd(c.window_codes * c.samples_per_code, c.hop_codes * c.samples_per_code)
-        self.window, self.prev, self.done = 0, None, False
-
-    def _randn(self, shape) -> torch.Tensor:
-        return _randn(shape, generator=self.generator, device=self.codec.device)
-
-    def window_inputs(self):
-        """(codes (1, 1, 1024), in-context latents (1, 32, 512, 32), prefix frames, initial noise) of the
-        next window; draws that window's noise."""
-        c, k = self.codec.config, self.window
-        if k == 0:
-            true_latents, incontext = self._first, self.prompt_frames
-        else:
-            overlap = c.overlap_latents
-            fresh = self._randn(self.shape[:2] + (self.shape[2] - overlap, self.shape[3]))
-            true_latents, incontext = torch.cat([self.prev[:, :, -overlap:], fresh], 2), overlap
-        x0 = self.noise[k].to(self.codec.device, torch.float32) if self.noise is not None else self._randn(self.shape)
-        start = self.starts[k]
-        return self.codes[..., start:start + c.window_codes], true_latents, incontext, x0
-
-    def audible(self, latents: torch.Tensor) -> torch.Tensor:
-        """The part of a window's latents that becomes sound (the prompt's frames do not)."""
-        return latents[:, :, self.prompt_frames:] if self.window == 0 else latents
-
-    def take(self, latents: torch.Tensor, wav: torch.Tensor) -> list[torch.Tensor]:
-        """Record the finished window; returns the pieces of output that became final."""
-        last = self.window == len(self.starts) - 1
-        pieces = []
-        for piece in self.joiner.add(wav, last=last):
-            piece = piece[:, :self.remaining]
-            self.remaining -= piece.shape[-1]
-            if piece.shape[-1]:
-                pieces.append(piece)
-        self.prev, self.window = latents, self.window + 1
-        # later windows cannot change what was already given out
-        self.done = last or self.remaining <= 0
-        return pieces
-
-    @property
-    def windows(self) -> int:
-        return len(self.starts)
 
 
 class EncoderWindows:
@@ -689,7 +369,7 @@ class EncoderWindows:
 
     def __init__(self, x: torch.Tensor, window: int, extra: int, divisor: torch.Tensor | float = 1.0):
         self.step, self.divisor = window + extra, divisor
-        self.x = _repeat_to(x, self.step)  # only short clips grow: to at most twice one window
+        self.x = decoding.repeat_to(x, self.step)  # only short clips grow: to at most twice one window
         self.count = self.x.shape[-1] // window + 1
         if self.count * self.step > 2 * self.x.shape[-1]:  # cannot happen for extra < window
             raise ValueError("encoder windows would run past the doubled clip")
@@ -706,91 +386,3 @@ class EncoderWindows:
     def batch(self, first: int, stop: int) -> torch.Tensor:
         """Windows ``first .. stop - 1`` as (B, 2, window + extra)."""
         return torch.stack([self.window(k) for k in range(first, stop)]) / self.divisor
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """Checked decoding settings of one call."""
-
-    num_steps: int
-    guidance_scale: float
-    generator: torch.Generator | None
-    fast_vocoder: bool
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A checked prompt: the part of the reference audio the decoder reads, (2, N) float32 at 48 kHz."""
-
-    wav: torch.Tensor
-
-
-class OverlapAdd:
-    """Joins decoder windows of ``window`` samples placed every ``hop`` samples, as the official code.
-
-    Each overlap is crossfaded (:func:`audio.crossfade`); a window shorter than ``window`` counts as
-    zero-padded (the official output buffer starts as zeros). Samples are given out as soon as no
-    later window can change them, so a decode holds at most one window of audio.
-    """
-
-    def __init__(self, window: int, hop: int):
-        if not window - hop <= hop <= window:
-            raise ValueError(f"hop {hop} must lie in [{window - hop}, {window}]: overlaps may not span two windows")
-        self.window, self.hop = window, hop
-        self._tail = None  # the part of the last window the next one crossfades into
-
-    def add(self, wav: torch.Tensor, last: bool):
-        """Add the next window (C, <= window); yields the pieces that became final."""
-        wav = wav[:, : self.window]
-        if wav.shape[-1] < self.window:
-            wav = torch.nn.functional.pad(wav, (0, self.window - wav.shape[-1]))
-        if self._tail is not None:
-            ov = self._tail.shape[-1]
-            wav = torch.cat([audio.crossfade(self._tail, wav[:, :ov]), wav[:, ov:]], -1)
-        if last:
-            self._tail = None
-            yield wav
-            return
-        self._tail = wav[:, self.hop:]
-        yield wav[:, : self.hop]
-
-
-def _count(name: str, value, default, maximum):
-    """A whole number >= 1 (at most ``maximum``), ``default`` for None; else ArgumentError."""
-    if value is None and default is not None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or (
-            maximum is not None and value > maximum):
-        limit = f" and at most {maximum}" if maximum is not None else ""
-        raise ArgumentError(f"{name} must be a whole number of at least 1{limit}, got {value!r}.")
-    return int(value)
-
-
-def _guidance(value, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
-            or value < 1:
-        raise ArgumentError(f"guidance_scale must be a finite number of at least 1 (1 turns guidance off), "
-                            f"got {value!r}.")
-    return float(value)
-
-
-def _generator(seed, generator):
-    if seed is not None and generator is not None:
-        raise ArgumentError("Pass seed or generator, not both.")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise ArgumentError("generator must be a CPU torch.Generator (noise is drawn on the CPU, as the "
-                                "official code does).")
-        return generator
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 64:
-        raise ArgumentError(f"seed must be a whole number in [0, 2**64), got {seed!r}.")
-    return torch.Generator().manual_seed(int(seed))
-
-
-def _randn(shape, generator, device) -> torch.Tensor:
-    """Standard normals drawn on the CPU (the official draw order and values), then moved."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

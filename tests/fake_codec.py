@@ -1,7 +1,7 @@
 """A MuCodec over fake model stages, shared by the command-line and notebook-API tests.
 
 Importing ``fake`` into a test module makes every ``from_pretrained`` there build a :class:`FakeCodec`: a
-MuCodec whose model stages (``_encode``, ``_decode``) are fast and deterministic while everything around them
+MuCodec whose model stages (``_encode``, ``decode_checked``) are fast and deterministic while everything around them
 (argument checks, audio and token files, streaming output, errors) is the real code.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ class FakeCodec(MuCodec):
         frames = torch.nn.functional.pad(wav.abs().mean(0), (0, T * 1920 - wav.shape[-1])).reshape(T, 1920)
         return (frames.mean(1) * 1e5).long().remainder(16384).reshape(1, 1, T)
 
-    def _decode(self, codes, limit, opts, prompt, noise):
+    def decode_checked(self, codes, limit, opts, prompt, noise):
         assert codes.dtype == torch.int64 and codes.ndim == 3 and codes.shape[:2] == (1, 1)
         self.calls.append(("decode", dict(num_steps=opts.num_steps, guidance_scale=opts.guidance_scale,
                                           prompt=prompt, seeded=opts.generator is not None,

@@ -347,12 +347,12 @@ def test_batch_keeps_going_and_summarises(tmp_path, capsys):
 
 def _broken(monkeypatch, decode):
     """Make the fake decoder call ``decode(codes, pieces)`` for its pieces."""
-    real = FakeCodec._decode
+    real = FakeCodec.decode_checked
 
-    def _decode(self, codes, limit, opts, prompt, noise):
+    def decode_checked(self, codes, limit, opts, prompt, noise):
         return decode(codes, real(self, codes, limit, opts, prompt, noise))
 
-    monkeypatch.setattr(FakeCodec, "_decode", _decode)
+    monkeypatch.setattr(FakeCodec, "decode_checked", decode_checked)
 
 
 def test_codec_errors_and_bugs_do_not_stop_the_batch(tmp_path, capsys, monkeypatch):

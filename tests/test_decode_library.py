@@ -24,7 +24,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from mucodec import cli, library
+from mucodec import cli, decoding, library
 from mucodec.codec import MuCodec
 from mucodec.errors import ArgumentError, OutputError
 from mucodec.library.decode import AudioWriter, SongDecoder, song_seed
@@ -102,7 +102,8 @@ def test_batched_songs_equal_code2sound_alone(tmp_path, codec, cheap, batch, shu
     if shuffle:
         random.Random(1).shuffle(songs)
     lib = library.AudioLibrary(tmp_path, "wav")
-    dec = SongDecoder(codec, codec.decode_options(num_steps=2), batch, 7, lib.audio_path, AudioWriter(48000, "wav"))
+    dec = SongDecoder(codec, decoding.decode_options(codec, num_steps=2), batch, 7, lib.audio_path,
+                      AudioWriter(48000, "wav"))
     done = []
     for song, codes in songs:
         done += dec.add(song, {"codes": codes, "num_samples": None})
@@ -113,7 +114,7 @@ def test_batched_songs_equal_code2sound_alone(tmp_path, codec, cheap, batch, shu
         got = read(lib.audio_path(song))
         assert got.shape == expected.shape == (2, len(codes) * SPC)
         assert np.array_equal(got, expected), song.path  # bit for bit
-    windows = sum(len(codec.decode_windows(len(c))) for _, c in songs)
+    windows = sum(len(decoding.decode_windows(codec, len(c))) for _, c in songs)
     assert dec.counters()["windows"] == windows
     assert not list(tmp_path.rglob(".*.tmp"))
 
@@ -123,7 +124,8 @@ def test_continuous_batching_refills_free_slots(tmp_path, codec, cheap):
     8 windows take 4 full steps (a batch kept until all its songs finish would need 5)."""
     lengths = [2000, 100, 100, 100, 100, 100]
     lib = library.AudioLibrary(tmp_path, "wav")
-    dec = SongDecoder(codec, codec.decode_options(num_steps=1), 2, 0, lib.audio_path, AudioWriter(48000, "wav"))
+    dec = SongDecoder(codec, decoding.decode_options(codec, num_steps=1), 2, 0, lib.audio_path,
+                      AudioWriter(48000, "wav"))
     for k, n in enumerate(lengths):
         dec.add(library.TokenSong(f"{k:016x}", f"s{k}", "-"), {"codes": random_codes(n, k), "num_samples": None})
     dec.flush()

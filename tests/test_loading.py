@@ -134,7 +134,7 @@ def test_stage_table_loads_each_stage_and_names_its_files(folder):
 
 def test_prompt_encoder_goes_through_the_table(tiny_ckpt_dir):
     codec = MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu")
-    encoder = codec._vae_encoder()
+    encoder = codec.vae_encoder()
     assert encoder.encoder is not None and encoder.scale_factor == 0.5
     assert codec._sources["vae_encoder"] == str(tiny_ckpt_dir / "tools/audioldm_48k.pth")
 

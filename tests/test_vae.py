@@ -30,7 +30,7 @@ def vae_decoder(full_codec):
 @pytest.fixture(scope="module")
 def vae_encoder(full_codec):
     """The encoding half, loaded from the same file the way the codec does for prompts."""
-    return full_codec._vae_encoder()
+    return full_codec.vae_encoder()
 
 
 @pytest.fixture(scope="module")

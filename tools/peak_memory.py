@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mucodec import compress  # noqa: E402
 from mucodec.codec import MuCodec  # noqa: E402
 
 
@@ -165,9 +166,9 @@ def main(argv=None) -> dict:
         with Sampler() as job:
             decode_job(codec, args, work)
     elif args.mode == "encode":
-        out = codec.encode_file(song, work / "out.mct", batch_size=args.batch_size)
+        out = compress.encode_file(codec, song, work / "out.mct", batch_size=args.batch_size)
     else:
-        out = codec.reconstruct_file(song, work / "out.wav", batch_size=args.batch_size, num_steps=args.steps)
+        out = compress.reconstruct_file(codec, song, work / "out.wav", batch_size=args.batch_size, num_steps=args.steps)
     result = dict(mode=args.mode, seconds=args.seconds, stub_decoder=args.stub_decoder, base_mib=round(base),
                   **(dict(songs=args.songs, decode_batch=args.decode_batch, steps=args.steps,
                           dit_blocks=args.dit_blocks, stub_vae=args.stub_vae, rss_before_job_mib=round(job.before),

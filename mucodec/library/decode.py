@@ -43,8 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import audio, files, tokens
-from ..codec import dtype_name
+from .. import audio, decoding, files, tokens
+from ..checks import MAX_BATCH, MAX_STEPS, check_count, check_guidance
+from ..codec import CodecConfig, dtype_name
 from ..errors import ArgumentError, MuCodecError, OutputError, StorageError, TokenFileError
 from ..listing import expand_inputs, glob_files, list_folder
 from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
@@ -385,7 +386,7 @@ class SongDecoder:
     """The decode job's batcher: songs' codes in, committed audio files out.
 
     Songs wait until a slot of the batch is free; every step runs the next window of every song in the
-    batch (:meth:`MuCodec.decode_step`); a song that finishes frees its slot for the next song's first
+    batch (:func:`decoding.decode_step`); a song that finishes frees its slot for the next song's first
     window. A step that fails fails the songs in it, and only them.
     """
 
@@ -398,8 +399,8 @@ class SongDecoder:
     def add(self, song: TokenSong, got: dict) -> list[tuple]:
         if got.get("header") is not None:  # a token file made for another model is refused by name
             tokens.check_compatible(got["header"], self.codec.token_spec, song.file)
-        dec = self.codec.start_decode(got["codes"], num_samples=got.get("num_samples"),
-                                      seed=song_seed(self.seed, song.song_id), where=f"The codes of {_where(song)}")
+        dec = decoding.start_decode(self.codec, got["codes"], num_samples=got.get("num_samples"),
+                                    seed=song_seed(self.seed, song.song_id), where=f"The codes of {_where(song)}")
         self.waiting.append((song, dec))
         failed = []
         while len(self.active) + len(self.waiting) >= self.batch_size:
@@ -429,7 +430,7 @@ class SongDecoder:
             self.writer.open(song, self.dst(song))
             self.active.append((song, dec))
         try:
-            pieces = self.codec.decode_step([dec for _, dec in self.active], self.opts)
+            pieces = decoding.decode_step(self.codec, [dec for _, dec in self.active], self.opts)
         except Exception as e:  # out of memory, damaged weights, a bug: this batch's songs fail, the job goes on
             why = _failure(e, self.batch_size)
             failed = [(song, None, why) for song, _ in self.active]
@@ -549,8 +550,8 @@ class DecodeJob(ModelJob):
 
     def batcher(self) -> SongDecoder:
         self.model(decoder_only=True, offload=self.offload, audioldm_dtype=self.audioldm_dtype)
-        opts = self.codec.decode_options(num_steps=self.steps, guidance_scale=self.guidance,
-                                         fast_vocoder=self.fast_vocoder)
+        opts = decoding.decode_options(self.codec, num_steps=self.steps, guidance_scale=self.guidance,
+                                       fast_vocoder=self.fast_vocoder)
         lib = AudioLibrary(self.out, self.audio_format, self.shard)
         return SongDecoder(self.codec, opts, self.batch_size, self.seed, lib.audio_path,
                            AudioWriter(self.codec.sample_rate, self.audio_format, record=lib.record), self.log)
@@ -608,13 +609,12 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     rest of the job needs; nothing damaged is committed, and the same call resumes once it is fixed.
     """
     from ..checkpoint import DECODER_STAGES, default_checkpoint, resolve_files, roles_of
-    from ..codec import CodecConfig, MAX_STEPS, _count, _guidance
 
     start = time.perf_counter()
     cfg = CodecConfig()
-    steps = _count("steps", steps, cfg.code2sound_steps, MAX_STEPS)
-    guidance = _guidance(guidance, cfg.guidance_scale)
-    batch = _count("decode_batch", decode_batch, DEFAULT_BATCH, 256)
+    steps = check_count("steps", steps, cfg.code2sound_steps, MAX_STEPS)
+    guidance = check_guidance(guidance, cfg.guidance_scale)
+    batch = check_count("decode_batch", decode_batch, DEFAULT_BATCH, MAX_BATCH)
     workers = 1 if workers is None else int(workers)
     if engine not in ("local", "ray"):
         raise ArgumentError(f"engine {engine!r} is not one of local, ray.")
