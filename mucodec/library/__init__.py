@@ -14,7 +14,8 @@ One machinery, one module per concern:
     engine.py      the local engine: items -> worker reads -> the job's batcher -> the job's sink; plans, reports
     ray_engine.py  the same on Ray Data (imported only for ``engine="ray"``)
     encode.py      the encode job: window packing, reading audio, parquet shards and .mct files
-    decode.py      the decode job: token inputs, continuous batching across songs, writer threads, audio files
+    token_inputs.py  the decode job's inputs: token files, arrays and tables, their songs, reading their codes
+    decode.py      the decode job: continuous batching across songs, writer threads, audio files
 
 Listing the inputs (:mod:`mucodec.listing`) and the worker processes (:mod:`mucodec.workers`) live outside the
 package, since the evaluation reads folders the same way without needing the jobs.
@@ -39,7 +40,8 @@ nothing. pyarrow is imported only when parquet is written or read.
 from .encode import (CODE_VERSION, FORMATS, EncodeJob, Library, Result, WindowPacker, encode_library, fingerprint,
                      read_song)
 from .decode import (DEFAULT_BATCH as DEFAULT_DECODE_BATCH, AudioLibrary, AudioWriter, DecodeJob, SongDecoder,
-                     TokenSong, decode_library, is_token_input, read_tokens, scan_tokens, song_seed)
+                     decode_library, song_seed)
+from .token_inputs import TokenSong, is_token_input, read_tokens, scan_tokens
 from ..audio import AUDIO_FORMATS
 from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local, summary_line
 from .parquet import FlatCodes, iter_codes, load_flat, read_library, write_shard
