@@ -1,4 +1,4 @@
-"""Checkpoint loading: safe unpickling, the name-mapping table, size/shape validation and hub download.
+"""Checkpoint files: finding them, hub download, safe unpickling, name mapping, size/shape validation.
 
 The three official files and where a user puts them (the official repository layout)::
 
@@ -6,9 +6,8 @@ The three official files and where a user puts them (the official repository lay
     muq_dev/muq.pt           fairseq checkpoint {'cfg': {'model': {...}}, 'model': {'model.<name>': tensor}, ...}
     ckpt/mucodec.pt          flat state dict of the codec (may also carry a 'muencoder.model.*' copy of MuQ)
 
-How each model stage is read from them is one table, :data:`STAGES`; :class:`Checkpoints` applies it:
-every file is checked (a regular, readable file of the right kind), every size stored in a file is
-validated, and every tensor a stage needs is checked against those sizes before a module is built.
+How each model stage is read from them is one table, :data:`mucodec.stages.STAGES`, which
+:class:`mucodec.stages.Checkpoints` applies with the checks defined here.
 
 Nothing here ever executes code from a file: ``torch.load(weights_only=True)`` is tried first, and a
 file that pickles other objects (fairseq configs, meters, optimizer state) is read by a restricted
@@ -21,11 +20,9 @@ import contextlib
 import dataclasses
 import logging
 import math
-import operator
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,11 +30,6 @@ import torch
 
 from .errors import CheckpointError
 from .files import NotRegularFile, open_regular, os_reason
-from .flow import FlowDecoder, FlowDecoderConfig
-from .muq import MuQConfig, MuQEncoder
-from .quantizer import Quantizer, QuantizerConfig
-from .vae import MelVAE, VAEConfig
-from .vocoder import HiFiGAN, VocoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +60,14 @@ def default_checkpoint() -> str:
 # --------------------------------------------------------------------------------------------------
 # Finding the files
 # --------------------------------------------------------------------------------------------------
-def _put_them(folder="the checkpoint folder") -> str:
+def put_them(folder="the checkpoint folder") -> str:
     return (f"download audioldm_48k.pth, muq.pt and mucodec.pt from {HUB_URL} and save them as "
             f"{', '.join(FILES.values())} in {folder}")
 
 
 def _missing_message(folder: Path, missing: list[str]) -> str:
     return (
-        f"MuCodec checkpoint file(s) {', '.join(missing)} not found under {folder}: {_put_them('that folder')} "
+        f"MuCodec checkpoint file(s) {', '.join(missing)} not found under {folder}: {put_them('that folder')} "
         f"(or pass the hub id {DEFAULT_REPO} with network access)."
     )
 
@@ -121,7 +113,7 @@ def _download(repo_id: str, roles, revision: str | None) -> dict[str, Path]:
         except Exception as e:  # network down, offline mode, unknown repo or revision, missing file ...
             raise CheckpointError(
                 f"Could not get {name} from the hub repo {repo_id}{at} ({type(e).__name__}); without network "
-                f"access, {_put_them('the MuCodec folder (beside generate.py) or in a folder you pass as the checkpoint path')}."
+                f"access, {put_them('the MuCodec folder (beside generate.py) or in a folder you pass as the checkpoint path')}."
             ) from None
     return paths
 
@@ -157,7 +149,7 @@ def _os_error(path, e: OSError) -> CheckpointError:
 # --------------------------------------------------------------------------------------------------
 # Reading a file without executing it
 # --------------------------------------------------------------------------------------------------
-class _Opaque:
+class Opaque:
     """Inert stand-in for any class a checkpoint pickles besides tensors and containers."""
 
     _qualname = "?"
@@ -192,7 +184,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         log.debug("checkpoint pickles %s.%s: replaced by an inert placeholder", module, name)
-        return type(name, (_Opaque,), {"_qualname": f"{module}.{name}"})
+        return type(name, (Opaque,), {"_qualname": f"{module}.{name}"})
 
 
 class _RestrictedPickle:
@@ -250,13 +242,13 @@ def read_checkpoint(path: str | os.PathLike, role: str | None = None) -> dict:
     what = KINDS.get(role, f"a MuCodec {role or 'checkpoint'} file")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict: it is not {what}; "
-                              f"{_put_them()}.")
+                              f"{put_them()}.")
     if role in FILES:
         kind = kind_of(obj)
         if kind != role:
             held = f"holds {KINDS[kind]}" if kind else "is none of the three MuCodec checkpoints"
             raise CheckpointError(f"{path} {held}, where {KINDS[role]} belongs; put the files in their places: "
-                                  f"{_put_them()}.")
+                                  f"{put_them()}.")
     return obj
 
 
@@ -320,7 +312,7 @@ def fold_weight_norm(state: dict) -> dict:
     return out
 
 
-def _check_shapes(expected: dict, state: dict, where: Callable) -> None:
+def check_shapes(expected: dict, state: dict, where: Callable) -> None:
     """Every tensor of ``expected`` ({name: tensor or shape}) is in ``state`` with that shape.
 
     ``where(name)`` gives (file, name in that file) for the message.
@@ -341,7 +333,7 @@ def _check_shapes(expected: dict, state: dict, where: Callable) -> None:
             )
 
 
-def _assign(module: torch.nn.Module, state: dict, path) -> torch.nn.Module:
+def assign(module: torch.nn.Module, state: dict, path) -> torch.nn.Module:
     expected = module.state_dict()
     extra = sorted(set(state) - set(expected))
     if extra:
@@ -360,8 +352,8 @@ def load_module(module: torch.nn.Module, state: dict, path, prefix="") -> torch.
     missing or misshaped entry raises one clear CheckpointError.
     """
     in_file = prefix if callable(prefix) else (lambda name: prefix + name)
-    _check_shapes(module.state_dict(), state, lambda name: (path, in_file(name)))
-    return _assign(module, state, path)
+    check_shapes(module.state_dict(), state, lambda name: (path, in_file(name)))
+    return assign(module, state, path)
 
 
 class skip_init:
@@ -408,7 +400,7 @@ def make_config(cls, d, path, key: str):
     if d is None:
         return cls()
     if not isinstance(d, dict):
-        raise _bad_size(path, key, d, "a dict of sizes")
+        raise bad_size(path, key, d, "a dict of sizes")
     kwargs = {}
     for f in dataclasses.fields(cls):
         v = d.get(f.name)
@@ -428,7 +420,7 @@ def _size_value(v, default, name, path, key):
         return make_config(type(default), v, path, key)
     if isinstance(default, tuple):
         if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= SEQUENCE_LIMIT:
-            raise _bad_size(path, key, v, f"a list of 1 to {SEQUENCE_LIMIT} items")
+            raise bad_size(path, key, v, f"a list of 1 to {SEQUENCE_LIMIT} items")
         return tuple(_size_value(x, default[0], name, path, f"{key}[{i}]") for i, x in enumerate(v))
     if isinstance(default, int):
         low, high = (0 if name in CAN_BE_ZERO else 1), INT_LIMITS.get(name, INT_LIMIT)
@@ -436,232 +428,16 @@ def _size_value(v, default, name, path, key):
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
             kind = "a non-negative" if low == 0 else "a positive"
-            raise _bad_size(path, key, v, f"{kind} integer no larger than {high}")
+            raise bad_size(path, key, v, f"{kind} integer no larger than {high}")
         return v
     if isinstance(default, float):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > FLOAT_LIMIT:
-            raise _bad_size(path, key, v, f"a finite number of magnitude at most {FLOAT_LIMIT:g}")
+            raise bad_size(path, key, v, f"a finite number of magnitude at most {FLOAT_LIMIT:g}")
         return float(v)
     return v
 
 
-def _bad_size(path, key, v, must) -> CheckpointError:
+def bad_size(path, key, v, must) -> CheckpointError:
     shown = repr(v) if len(repr(v)) <= 60 else f"a {type(v).__name__}"
     return CheckpointError(f"{path}: {key} is {shown}; it must be {must}: the sizes stored in this file are "
                            f"damaged or not MuCodec's, so use the official file from {HUB_URL}.")
-
-
-# --------------------------------------------------------------------------------------------------
-# The table: how each model stage is read from the files
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Stage:
-    """How one module is read.
-
-    ``sources``: (file role, prefix in the file, prefix in the module); later sources overwrite
-    earlier ones, as the official non-strict load of mucodec.pt puts its MuQ copy over muq.pt's.
-    ``sizes``: (file role, section of its ``mucodec_config``, config class); section None is the
-    fairseq ``cfg['model']``. ``probes``: (size, tensor, dim) pairs compared before a module that
-    cannot be built on the meta device is built for real.
-    """
-
-    sources: tuple
-    sizes: tuple
-    build: Callable  # (config, Checkpoints) -> nn.Module
-    fold_weight_norm: bool = False
-    probes: tuple = ()
-
-
-def _muq(cfg: MuQConfig, c: "Checkpoints"):
-    layer = c.layer
-    if not isinstance(layer, bool):
-        with contextlib.suppress(TypeError):
-            layer = operator.index(layer)  # numpy and torch integers too, but never a float
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 < layer <= cfg.encoder_depth:
-        raise CheckpointError(f"layer {layer!r} does not exist in {c.files['muq']}: use 1..{cfg.encoder_depth}.")
-    if cfg.encoder_dim % cfg.num_attention_heads:
-        raise CheckpointError(f"{c.files['muq']}: cfg['model']['num_attention_heads'] is {cfg.num_attention_heads}, "
-                              f"which does not divide encoder_dim {cfg.encoder_dim}; use the official file from {HUB_URL}.")
-    return MuQEncoder(cfg, num_layers=layer)
-
-
-STAGES = {
-    "muq": Stage(
-        sources=(("muq", "model.", ""), ("mucodec", "muencoder.model.", "")),
-        sizes=("muq", None, MuQConfig), build=_muq,
-        probes=(("conv_dim", "conv.conv.0.conv1.weight", 0), ("encoder_dim", "conv.linear.weight", 0),
-                ("intermediate_size", "conformer.layers.0.ffn1.intermediate_dense.weight", 0),
-                ("conv_depthwise_kernel_size", "conformer.layers.0.conv_module.depthwise_conv.weight", 2))),
-    "quantizer": Stage(
-        sources=(("mucodec", "rvq_muencoder_emb.quantizers.0.", ""),),
-        sizes=("mucodec", "quantizer", QuantizerConfig), build=lambda cfg, c: Quantizer(cfg), fold_weight_norm=True,
-        probes=(("input_dim", "in_proj.weight", 1), ("codebook_dim", "in_proj.weight", 0),
-                ("codebook_size", "codebook.weight", 0))),
-    "flow": Stage(
-        sources=(("mucodec", "cfm_wrapper.estimator.", "estimator."), ("mucodec", "normfeat.", "normfeat."),
-                 ("mucodec", "cond_muencoder_emb.", "cond_muencoder_emb."),
-                 ("mucodec", "zero_cond_embedding1", "zero_cond_embedding1")),
-        sizes=("mucodec", "flow", FlowDecoderConfig), build=lambda cfg, c: FlowDecoder(cfg)),
-    "vae": Stage(  # the decoder half: code2sound
-        sources=(("audioldm", "first_stage_model.", ""),),
-        sizes=("audioldm", "vae", VAEConfig),
-        build=lambda cfg, c: MelVAE(cfg, c.scale_factor(), with_encoder=False, with_decoder=True)),
-    "vae_encoder": Stage(  # the encoder half: prompts only, loaded on the first one
-        sources=(("audioldm", "first_stage_model.", ""),),
-        sizes=("audioldm", "vae", VAEConfig),
-        build=lambda cfg, c: MelVAE(cfg, c.scale_factor(), with_encoder=True, with_decoder=False)),
-    "vocoder": Stage(
-        sources=(("audioldm", "first_stage_model.vocoder.", ""),),
-        sizes=("audioldm", "vocoder", VocoderConfig), build=lambda cfg, c: HiFiGAN(cfg)),
-}
-ENCODER_STAGES = ("muq", "quantizer")
-DECODER_STAGES = ("flow", "vae", "vocoder")
-
-
-def roles_of(stages) -> tuple:
-    """The files (roles of :data:`FILES`) the stages read, in FILES order."""
-    used = {role for s in stages for role, _, _ in STAGES[s].sources} | {STAGES[s].sizes[0] for s in stages}
-    return tuple(r for r in FILES if r in used)
-
-
-class Checkpoints:
-    """The checkpoint files of one model, each read once on first use and checked to be the right kind.
-
-    ``layer``: the MuQ hidden state the codes are taken from (needed by the "muq" stage).
-    """
-
-    def __init__(self, files: dict, layer: int | None = None):
-        self.files = {role: Path(p) for role, p in files.items()}
-        self.layer = layer
-        self._objs = {}
-
-    def obj(self, role: str) -> dict:
-        if role not in self._objs:
-            if role not in self.files:
-                raise CheckpointError(f"{FILES[role]} was not loaded: {_put_them()}.")
-            self._objs[role] = read_checkpoint(self.files[role], role)
-        return self._objs[role]
-
-    def sizes(self, role: str, section: str | None, cls):
-        """The validated config ``cls`` stored in the file ``role``: ``mucodec_config[section]``, or
-        for section None the fairseq ``cfg['model']`` (defaults where the file stores none)."""
-        obj, path = self.obj(role), self.files[role]
-        if section is None:
-            # A config object pickled as such (not fairseq's plain containers) was read as a placeholder:
-            # it holds no sizes we can read, so the defaults apply and the tensor checks still guard them.
-            cfg = None if isinstance(obj.get("cfg"), _Opaque) else obj.get("cfg")
-            if cfg is not None and not isinstance(cfg, dict):
-                raise _bad_size(path, "cfg", cfg, "a dict (a fairseq config)")
-            model = None if isinstance((cfg or {}).get("model"), _Opaque) else (cfg or {}).get("model")
-            make_config(cls, model, path, "cfg['model']")  # validates every field MuQ reads
-            try:
-                return cls.from_fairseq(model) if model is not None else cls()
-            except CheckpointError as e:
-                raise CheckpointError(e.args[0] if str(path) in e.args[0] else f"{path}: {e.args[0]}") from None
-        sizes = obj.get(CONFIG_KEY)
-        if sizes is not None and not isinstance(sizes, dict):
-            raise _bad_size(path, CONFIG_KEY, sizes, "a dict of sizes")
-        return make_config(cls, (sizes or {}).get(section), path, f"{CONFIG_KEY}[{section!r}]")
-
-    def scale_factor(self) -> float:
-        """The VAE latent scaling stored beside the weights in audioldm_48k.pth."""
-        path, t = self.files["audioldm"], state_dict_of(self.obj("audioldm")).get("scale_factor")
-        if t is None:
-            raise CheckpointError(f"{path} lacks the tensor 'scale_factor': it is not the AudioLDM-48k checkpoint "
-                                  f"MuCodec uses; download it again from {HUB_URL}.")
-        if t.numel() != 1 or not t.is_floating_point() or not math.isfinite(float(t)) or float(t) <= 0:
-            raise CheckpointError(f"{path}: 'scale_factor' must be one positive finite number, got "
-                                  f"{tuple(t.shape)} {t.dtype}; download the file again from {HUB_URL}.")
-        return float(t)
-
-    def source(self, name: str) -> str:
-        """The file(s) stage ``name`` was read from, for messages about its weights."""
-        used = [str(self.files[role]) for role, prefix, _ in STAGES[name].sources
-                if role in self.files and any(k.startswith(prefix) for k in state_dict_of(self.obj(role)))]
-        return " and ".join(dict.fromkeys(used)) or str(self.files[STAGES[name].sources[0][0]])
-
-    def sources(self, names) -> dict[str, str]:
-        """{file role or stage: the file(s) it was read from}, so an error about a module's output can name
-        the file to replace (a stage read from two files names both)."""
-        return {**{role: str(p) for role, p in self.files.items()}, **{n: self.source(n) for n in names}}
-
-    def load(self, names) -> dict[str, torch.nn.Module]:
-        """Build and load the stages ``names``; every file, size and tensor is checked before any is built."""
-        plans = {name: self._plan(name) for name in names}
-        return {name: self._build(name, *plan) for name, plan in plans.items()}
-
-    # ----------------------------------------------------------------------------------------------
-    def _plan(self, name: str):
-        stage = STAGES[name]
-        cfg = self.sizes(*stage.sizes)
-        state, origin = {}, {}
-        for role, prefix, new in stage.sources:
-            part = subdict(state_dict_of(self.obj(role)), prefix, new)
-            state.update(part)
-            origin.update({k: (self.files[role], prefix + k[len(new):]) for k in part})
-        if stage.fold_weight_norm:
-            try:
-                state = fold_weight_norm(state)
-            except RuntimeError:
-                raise CheckpointError(f"{self.files[stage.sources[0][0]]}: the weight-norm pairs under "
-                                      f"'{stage.sources[0][1]}' do not fit together; download the file again "
-                                      f"from {HUB_URL}.") from None
-
-        def where(k):
-            if k in origin:
-                return origin[k]
-            role, prefix, new = max((s for s in stage.sources if k.startswith(s[2])), key=lambda s: len(s[2]),
-                                    default=stage.sources[0])
-            return self.files[role], prefix + k[len(new):]
-
-        for key, tensor, dim in stage.probes:
-            got, want = state.get(tensor), getattr(cfg, key)
-            if got is not None and got.dim() > dim and got.shape[dim] != want:
-                path, in_file = where(tensor)
-                sizes_path = self.files[stage.sizes[0]]
-                there = "" if path == sizes_path else f" in {path}"
-                raise CheckpointError(
-                    f"{sizes_path}: {self._size_key(stage, key)} is {want}, but '{in_file}'{there} has size "
-                    f"{got.shape[dim]} on dim {dim}; the sizes do not match the weights: use the official files "
-                    f"from {HUB_URL}.")
-        expected = self._meta_shapes(stage, cfg)
-        if expected is not None:
-            _check_shapes(expected, state, where)
-        return cfg, state, where
-
-    @staticmethod
-    def _size_key(stage, key):
-        return f"cfg['model'][{key!r}]" if stage.sizes[1] is None else f"{CONFIG_KEY}[{stage.sizes[1]!r}][{key!r}]"
-
-    def _meta_shapes(self, stage, cfg):
-        """Parameter shapes of the stage built on the meta device (no memory), or None where the module
-        computes a buffer from data while it is built (MuQ's mel filterbank): that one relies on its probes."""
-        try:
-            with torch.device("meta"):
-                module = self._construct(stage, cfg)
-        except NotImplementedError:
-            return None
-        except RuntimeError as e:
-            if "meta" not in str(e):
-                raise
-            return None
-        return module.state_dict()
-
-    def _construct(self, stage, cfg):
-        try:
-            with skip_init():
-                return stage.build(cfg, self)
-        except ValueError as e:  # a module's own consistency checks of its sizes
-            section = "cfg['model']" if stage.sizes[1] is None else f"{CONFIG_KEY}[{stage.sizes[1]!r}]"
-            raise CheckpointError(f"{self.files[stage.sizes[0]]}: the sizes in {section} do not fit together "
-                                  f"({str(e).rstrip('.')}); use the official file from {HUB_URL}.") from None
-
-    def _build(self, name, cfg, state, where):
-        module = self._construct(STAGES[name], cfg)
-        _check_shapes(module.state_dict(), state, where)
-        return _assign(module, state, self.source(name))
-
-
-def load_stages(files: dict, stages, layer: int | None = None) -> dict[str, torch.nn.Module]:
-    """``{stage: module}`` for the stages of :data:`STAGES`, read from ``files`` ({role: path})."""
-    return Checkpoints(files, layer).load(stages)

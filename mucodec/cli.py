@@ -470,7 +470,8 @@ def _main(argv, prog) -> int:
 
 def run_settings(args) -> dict:
     """What made the reconstructions, for the evaluation's summary and report."""
-    from .checkpoint import DECODER_STAGES, ENCODER_STAGES, resolve_files, roles_of
+    from .checkpoint import resolve_files
+    from .stages import DECODER_STAGES, ENCODER_STAGES, roles_of
     from .files import sha256
 
     files = resolve_files(args.ckpt or default_checkpoint(), roles_of(ENCODER_STAGES + DECODER_STAGES),

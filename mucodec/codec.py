@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from . import audio, decoding, tokens
 from .checks import MAX_BATCH, check_count
-from .checkpoint import DECODER_STAGES, DEFAULT_REPO, ENCODER_STAGES, Checkpoints, resolve_files, roles_of
+from .checkpoint import DEFAULT_REPO, resolve_files
 from .errors import ArgumentError, CheckpointError, NumericalError
+from .stages import DECODER_STAGES, ENCODER_STAGES, Checkpoints, roles_of
 
 
 # The precisions a codec runs in, by the names the command line, fingerprints and messages use.
@@ -166,7 +167,7 @@ class MuCodec:
         ``offload`` keeps the decoder's stages in CPU memory except while each runs on the device.
         ``dtype``: precision of the flow decoder's DiT (autocast); ``audioldm_dtype``: of the VAE and vocoder.
         ``layer``: MuQ hidden state the codes are taken from (the official checkpoint was trained on 6).
-        How each stage is read from the files is the table ``checkpoint.STAGES``.
+        How each stage is read from the files is the table ``stages.STAGES``.
         """
         if path_or_repo is not None and not isinstance(path_or_repo, (str, os.PathLike)):
             raise ArgumentError(f"path_or_repo must be a folder or a hub repo id, got {path_or_repo!r}.")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import deny_opening
-from mucodec.checkpoint import ENCODER_STAGES, FILES, load_stages, roles_of
+from mucodec.checkpoint import FILES
+from mucodec.stages import ENCODER_STAGES, load_stages, roles_of
 from mucodec.codec import MuCodec
 from mucodec.errors import CheckpointError
 
@@ -164,7 +165,7 @@ def test_revision_is_passed_to_the_hub(tiny_ckpt_dir, monkeypatch):
 
 
 def test_sizes_that_do_not_match_the_tensors_fail_before_any_real_build(folder, monkeypatch):
-    import mucodec.checkpoint as ck
+    import mucodec.stages as ck
 
     real_builds = []
     for name in ("FlowDecoder", "MuQEncoder", "Quantizer", "MelVAE", "HiFiGAN"):

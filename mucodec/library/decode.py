@@ -365,7 +365,8 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     A full, read-only or failing disk raises :class:`StorageError` at once, naming the folder and the space the
     rest of the job needs; nothing damaged is committed, and the same call resumes once it is fixed.
     """
-    from ..checkpoint import DECODER_STAGES, default_checkpoint, resolve_files, roles_of
+    from ..checkpoint import default_checkpoint, resolve_files
+    from ..stages import DECODER_STAGES, roles_of
 
     start = time.perf_counter()
     cfg = CodecConfig()

@@ -373,7 +373,8 @@ def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     output, not only its size, before trusting it. A full, read-only or failing disk raises :class:`StorageError`
     at once; nothing damaged is committed, and the same call resumes once it is fixed.
     """
-    from ..checkpoint import ENCODER_STAGES, default_checkpoint, resolve_files, roles_of
+    from ..checkpoint import default_checkpoint, resolve_files
+    from ..stages import ENCODER_STAGES, roles_of
 
     start = time.perf_counter()
     workers = default_workers() if workers is None else int(workers)
