@@ -19,8 +19,6 @@ comparison of each reconstruction with its input (``mucodec.evaluate``).
 """
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
 import time
@@ -28,12 +26,13 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, checks, compress, decoding, library, listing, tokens
+from . import checkpoint, compress, decoding, library, listing, tokens
 from .audio import audio_extensions, check_input_file
-from .checkpoint import DEFAULT_REPO, FILES, HUB_URL, default_checkpoint
-from .codec import DTYPES, CodecConfig, MuCodec, dtype_name, pick_device
-from .errors import ArgumentError, AudioError, MuCodecError, OutputError, StorageError
-from .precision import pick_dtype, precision_warnings
+from .checkpoint import default_checkpoint
+from .codec import DTYPES, CodecConfig, MuCodec
+from .errors import AudioError, MuCodecError, OutputError, StorageError
+from .options import build_parser, check_args
+from .precision import precision_warnings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _DEFAULTS = CodecConfig()
@@ -44,161 +43,6 @@ class Job:
     src: Path
     dst: Path
     kind: str  # "reconstruct" | "encode" | "decode"
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    ext = tokens.EXTENSION
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="MuCodec: compress 48 kHz stereo music to 0.35 kbit/s tokens and reconstruct it. "
-                    "Audio inputs are reconstructed (encoded and decoded) into DIR/<name>.wav, or encoded "
-                    f"into DIR/<name>{ext} token files with --encode; token files are decoded into "
-                    "DIR/<name>.wav. Without INPUT: the official demo, test_wav/test.wav -> reconstruct/test.wav "
-                    "in the MuCodec folder.",
-        epilog=f"Weights: the three files of {HUB_URL} as {', '.join(FILES.values())} in the MuCodec folder, "
-               "or downloaded into the Hugging Face cache on first use. Output audio is "
-               "48 kHz stereo 32-bit float WAV; existing outputs are never replaced without --overwrite. "
-               "Exit status: 0 all done, 1 some input failed, 2 bad command line.",
-    )
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="audio files, token files, folders (searched recursively for every format soundfile "
-                        f"reads and {ext} files) or glob patterns such as 'music/**/*.flac'")
-    p.add_argument("-o", "--output", metavar="DIR", default=None,
-                   help="output folder, created if missing; files found in a folder keep their sub-folders "
-                        "(default: ./reconstruct, or reconstruct/ in the MuCodec folder without INPUT)")
-    p.add_argument("--encode", action="store_true",
-                   help=f"only encode audio into {ext} token files (loads only the encoder)")
-    p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help=f"flow-matching steps (default: {_DEFAULTS.sound2sound_steps} to reconstruct audio, as the "
-                        f"official sound2sound; {_DEFAULTS.code2sound_steps} to decode a token file, as the official "
-                        "code2sound)")
-    p.add_argument("--guidance", type=float, default=_DEFAULTS.guidance_scale, metavar="G",
-                   help=f"classifier-free guidance scale, at least 1 (default: {_DEFAULTS.guidance_scale})")
-    p.add_argument("--seed", type=int, default=None,
-                   help="random seed for the decoder's noise, applied to each file (default: random)")
-    p.add_argument("--device", default="auto",
-                   help="cuda, cuda:1, mps, cpu or auto: cuda, else mps, else cpu (default: auto)")
-    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
-                   help="precision of the flow decoder (DiT under autocast; everything else stays float32). "
-                        "auto: float16 on CUDA, as the official code runs it, float32 elsewhere; bfloat16 speeds "
-                        "the DiT up on CPUs with native bfloat16 (deviation ~0.5 %%) and slows it down on CPUs "
-                        "without it, which get a warning; figures in docs/speed.md (default: auto)")
-    p.add_argument("--audioldm-dtype", choices=tuple(DTYPES), default="float32",
-                   help="precision of the VAE and vocoder (autocast), which turn the flow's latents into audio. "
-                        "bfloat16 speeds them up on CPUs with native bfloat16 but moves the audio about 2.4 %% "
-                        "(figures in docs/speed.md); float16 needs a GPU (default: float32)")
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
-                   help="40.96 s chunks encoded at once; lower it if memory runs out "
-                        f"(default: {_DEFAULTS.encoder_batch_size})")
-    p.add_argument("--prompt", metavar="FILE", default=None,
-                   help="reference audio whose first 10.24 s guide the decoder (official code2sound prompt)")
-    p.add_argument("--ckpt", metavar="PATH_OR_REPO", default=None,
-                   help=f"folder holding {', '.join(FILES.values())}, or a hub repo id (default: the MuCodec "
-                        f"folder if it holds them, else {DEFAULT_REPO})")
-    p.add_argument("--revision", metavar="REV", default=None,
-                   help="branch, tag or commit of the hub repo (default: its main branch)")
-    p.add_argument("--official-vocoder", action="store_true",
-                   help="run the vocoder in the official overlapping chunks (each mel frame 4 times) instead of "
-                        "once per frame plus the chunk edges (default: once per frame, less vocoder work, "
-                        "the same audio up to float rounding)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
-    p.add_argument("--evaluate", action="store_true",
-                   help="reconstructing audio: then compare each reconstruction with its input (ViSQOL, mel and "
-                        "STFT distances, SI-SDR, loudness, bitrate) into DIR/metrics.csv, summary.json and "
-                        f"report.html. Keeps each song's token file DIR/<name>{ext} (for the bitrate); existing "
-                        "reconstructions are kept and evaluated as they are, so a run resumes (--overwrite redoes "
-                        "them); --workers sets the processes computing metrics. Needs pip install -r "
-                        "requirements-eval.txt")
-    lib = p.add_argument_group(
-        "libraries: tokenising (--encode of a folder) and decoding (a token library, parquet tables, .npy arrays "
-        "or folders of token files)",
-        "Resumable: run the same command again after a crash and only what was not committed is done. "
-        "Encoding writes parquet shards of songs (columns song_id, path, duration, sample_rate, channels, "
-        "num_samples, num_codes, codes); decoding writes one audio file per song, named by its path or id. "
-        "Both write a manifest, an errors table, fingerprint.json and report.json in DIR.")
-    lib.add_argument("--decode-batch", type=int, default=None, metavar="B",
-                     help="decoding token inputs: songs decoded together, one window each per step; lower it if "
-                          f"memory runs out (default: {library.DEFAULT_DECODE_BATCH})")
-    lib.add_argument("--audio-format", choices=("auto", *library.AUDIO_FORMATS), default="auto",
-                     help="audio files written when decoding: flac (24-bit, lossless for it, half the size) or "
-                          "wav (32-bit float, exact); auto: flac for a decode job, wav for single files")
-    lib.add_argument("--offload", action="store_true",
-                     help="keep the decoder's stages in CPU memory except while each runs on the GPU, so a "
-                          "decode fits a small GPU (default: all on the device)")
-    lib.add_argument("--format", choices=("auto", *library.FORMATS), default="auto",
-                     help=f"parquet shards, one {ext} per song, or both; auto: parquet when an INPUT is a folder or "
-                          f"a library option is given, else one {ext} per file as without it (default: auto)")
-    lib.add_argument("--shard", metavar="I/N", default=None,
-                     help="run job I of N independent jobs (1 <= I <= N; songs are split by id, so the N jobs "
-                          "never overlap and together cover every song)")
-    lib.add_argument("--engine", choices=("local", "ray"), default="local",
-                     help="local: worker processes read, this process runs the model; ray: Ray Data on a local "
-                          "instance or a cluster (pip install -r requirements-ray.txt) (default: local)")
-    lib.add_argument("--address", metavar="ADDR", default=None,
-                     help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else a local instance)")
-    lib.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="processes (ray: tasks) reading the inputs; 0 reads in this process (default: encoding "
-                          f"{library.default_workers()} here, one less than the cores, at most 8; decoding 1)")
-    lib.add_argument("--retry-errors", action="store_true",
-                     help="try again the songs that failed in an earlier run (default: skip them)")
-    lib.add_argument("--verify", action="store_true",
-                     help="resuming: check the checksum of every committed output against the manifest before "
-                          "skipping its song (default: its size only); damaged outputs are done again either way")
-    lib.add_argument("--shard-size", type=int, default=library.SHARD_SONGS, metavar="N",
-                     help=f"songs per parquet shard, the unit of commit (default: {library.SHARD_SONGS}; a shard "
-                          f"is also committed every {library.COMMIT_SECONDS / 60:.0f} minutes)")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="print only errors and warnings (progress bars also stay off when stderr is not a terminal)")
-    return p
-
-
-def _check_args(parser: argparse.ArgumentParser, args) -> None:
-    """Everything about the command line that can be wrong, found before any file is touched (exit 2)."""
-    if args.steps is not None and not 1 <= args.steps <= checks.MAX_STEPS:
-        parser.error(f"--steps must lie in [1, {checks.MAX_STEPS}]")
-    if not 1 <= args.batch_size <= checks.MAX_BATCH:
-        parser.error(f"--batch-size must lie in [1, {checks.MAX_BATCH}]")
-    if not (math.isfinite(args.guidance) and args.guidance >= 1):
-        parser.error("--guidance must be a finite number of at least 1 (1 turns guidance off)")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 64:
-        parser.error("--seed must lie in [0, 2**64)")
-    if args.encode and args.prompt:
-        parser.error("--prompt guides the decoder; it has no effect with --encode")
-    if args.encode and args.evaluate:
-        parser.error("--evaluate compares reconstructions with their inputs; it has no effect with --encode")
-    try:
-        args.device = pick_device(args.device)
-    except ArgumentError as e:
-        parser.error(str(e))
-    args.dtype = dtype_name(pick_dtype(args.dtype, args.device))
-    for flag, dtype in (("--dtype", args.dtype), ("--audioldm-dtype", args.audioldm_dtype)):
-        if args.device.split(":")[0] == "cpu" and dtype == "float16":
-            parser.error(f"{flag} float16 needs a GPU; use bfloat16 or float32 on the CPU")
-    if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
-        parser.error(f"-o {args.output} is a file; it must name a folder")
-    encode_flags = [name for name, on in (("--format", args.format != "auto"),
-                                          ("--shard-size", args.shard_size != library.SHARD_SONGS)) if on]
-    if encode_flags and not args.encode:
-        parser.error(f"{encode_flags[0]} is an option of --encode (tokenising a library); add --encode")
-    decode_flags = [name for name, on in (("--decode-batch", args.decode_batch is not None),
-                                          ("--audio-format", args.audio_format != "auto"),
-                                          ("--offload", args.offload),
-                                          ("--audioldm-dtype", args.audioldm_dtype != "float32")) if on]
-    if decode_flags and args.encode:
-        parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")
-    if args.decode_batch is not None and not 1 <= args.decode_batch <= checks.MAX_BATCH:
-        parser.error(f"--decode-batch must lie in [1, {checks.MAX_BATCH}]")
-    if args.shard is not None:
-        try:
-            args.shard = library.parse_shard(args.shard)
-        except ArgumentError as e:
-            parser.error(str(e))
-    if args.address and args.engine != "ray":
-        parser.error("--address names a Ray cluster; it needs --engine ray")
-    if args.workers is not None and not 0 <= args.workers <= 256:
-        parser.error("--workers must lie in [0, 256]")
-    if not 1 <= args.shard_size <= 10 ** 6:
-        parser.error("--shard-size must lie in [1, 1000000]")
 
 
 def _library_options(args) -> list[str]:
@@ -375,14 +219,9 @@ def cli() -> None:
 def _main(argv, prog) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    demo = not args.inputs
-    root = checkpoint.REPO_ROOT  # looked up at run time, not import time, so that tests can point it elsewhere
-    if demo:
-        args.inputs = [str(root / "test_wav" / "test.wav")]
-    out_dir = Path(args.output) if args.output else (root / "reconstruct" if demo else Path("reconstruct"))
-    _check_args(parser, args)
+    out_dir = _demo_or_output(args)
+    check_args(parser, args)
 
-    import torch
     from tqdm import tqdm
 
     def say(msg):
@@ -392,18 +231,9 @@ def _main(argv, prog) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     for slow in [] if args.encode else precision_warnings(args.dtype, args.audioldm_dtype, args.device):
         say(f"warning: {slow}")  # (neither precision reaches the encoder)
-    mode = _library_mode(args)
-    if mode == "decode" and args.prompt:
-        parser.error("--prompt is for single token files; a decode job decodes each song from its codes alone")
-    if mode is not None and args.evaluate:
-        parser.error("--evaluate compares reconstructions with their audio inputs; give audio files or folders, "
-                     "not token inputs")
+    mode = _job_mode(parser, args)
     if mode is not None:
         return _run_library(args, out_dir, say, progress, mode)
-    library_options = [o for o in _library_options(args) if not (args.evaluate and o == "--workers")]
-    if library_options:
-        parser.error(f"{library_options[0]} is an option of a library job: --encode of a folder of audio, or "
-                     "decoding a token library, tables, arrays or folders of token files")
     if args.evaluate:
         from . import evaluate
 
@@ -417,44 +247,89 @@ def _main(argv, prog) -> int:
     todo = [j for j in jobs if j.kind != "kept"]
     done, not_started = [], 0
     if todo:
-        try:
-            if args.prompt:  # a bad prompt fails the run once, before the model loads
-                check_input_file(args.prompt, "Prompt file")
-            ckpt = args.ckpt or default_checkpoint()
-            say(f"loading MuCodec from {ckpt} on {args.device} ({args.dtype})")
-            codec = MuCodec.from_pretrained(ckpt, device=args.device, dtype=DTYPES[args.dtype],
-                                            audioldm_dtype=DTYPES[args.audioldm_dtype],
-                                            encoder_only=all(j.kind == "encode" for j in todo),
-                                            revision=args.revision, progress=progress)
-            prompt = decoding.prepare_prompt(codec, args.prompt) if args.prompt else None
-        except MuCodecError as e:
-            print(f"error: {e}", file=sys.stderr)
+        ran = _run_files(args, todo, failed, say, progress)
+        if ran is None:
             return EXIT_FAILED
-        oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-        bar = tqdm(todo, unit="file", desc="files", file=sys.stderr, disable=not progress or len(todo) < 2)
-        for job in bar:
-            start = time.perf_counter()
-            try:
-                run_job(codec, job, args, prompt)
-            except StorageError as e:  # every later file would fail the same way: stop
-                failed.append((str(job.src), str(e)))
-                not_started = len(todo) - todo.index(job) - 1
-                break
-            except MuCodecError as e:
-                failed.append((str(job.src), str(e)))
-            except oom:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                hint = "--batch-size 1" + (" or --dtype float16" if args.device != "cpu" else "")
-                failed.append((str(job.src), f"Out of memory on {args.device} while processing {job.src}; try {hint}."))
-            except Exception as e:  # a bug: show where, keep going with the other files
-                traceback.print_exc()
-                failed.append((str(job.src), f"internal error {type(e).__name__}: {e}"))
-            else:
-                done.append(job)
-                say(f"{job.src} -> {job.dst} ({time.perf_counter() - start:.1f} s)")
-                continue
-            say(f"failed: {failed[-1][1]}")
+        done, not_started = ran
+    _print_summary(args, done, kept, failed, not_started)
+    if args.evaluate and (done or kept):
+        return max(EXIT_FAILED if failed else EXIT_OK, _evaluate(args, done + kept, out_dir, say, progress))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _demo_or_output(args) -> Path:
+    """The output folder; without INPUT, the official demo, whose input and output live in the MuCodec folder."""
+    demo = not args.inputs
+    root = checkpoint.REPO_ROOT  # looked up at run time, not import time, so that tests can point it elsewhere
+    if demo:
+        args.inputs = [str(root / "test_wav" / "test.wav")]
+    return Path(args.output) if args.output else (root / "reconstruct" if demo else Path("reconstruct"))
+
+
+def _job_mode(parser, args) -> str | None:
+    """The library job the inputs call for (:func:`_library_mode`), refusing options that do not fit it."""
+    mode = _library_mode(args)
+    if mode == "decode" and args.prompt:
+        parser.error("--prompt is for single token files; a decode job decodes each song from its codes alone")
+    if mode is not None and args.evaluate:
+        parser.error("--evaluate compares reconstructions with their audio inputs; give audio files or folders, "
+                     "not token inputs")
+    if mode is None:
+        library_options = [o for o in _library_options(args) if not (args.evaluate and o == "--workers")]
+        if library_options:
+            parser.error(f"{library_options[0]} is an option of a library job: --encode of a folder of audio, or "
+                         "decoding a token library, tables, arrays or folders of token files")
+    return mode
+
+
+def _run_files(args, todo: list[Job], failed: list, say, progress: bool) -> tuple[list[Job], int] | None:
+    """One output file per input: (the jobs done, how many were not started), failures appended to ``failed``;
+    None when the model or the prompt cannot be loaded (said on stderr)."""
+    import torch
+    from tqdm import tqdm
+
+    try:
+        if args.prompt:  # a bad prompt fails the run once, before the model loads
+            check_input_file(args.prompt, "Prompt file")
+        ckpt = args.ckpt or default_checkpoint()
+        say(f"loading MuCodec from {ckpt} on {args.device} ({args.dtype})")
+        codec = MuCodec.from_pretrained(ckpt, device=args.device, dtype=DTYPES[args.dtype],
+                                        audioldm_dtype=DTYPES[args.audioldm_dtype],
+                                        encoder_only=all(j.kind == "encode" for j in todo),
+                                        revision=args.revision, progress=progress)
+        prompt = decoding.prepare_prompt(codec, args.prompt) if args.prompt else None
+    except MuCodecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    bar = tqdm(todo, unit="file", desc="files", file=sys.stderr, disable=not progress or len(todo) < 2)
+    done = []
+    for job in bar:
+        start = time.perf_counter()
+        try:
+            run_job(codec, job, args, prompt)
+        except StorageError as e:  # every later file would fail the same way: stop
+            failed.append((str(job.src), str(e)))
+            return done, len(todo) - todo.index(job) - 1
+        except MuCodecError as e:
+            failed.append((str(job.src), str(e)))
+        except oom:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            hint = "--batch-size 1" + (" or --dtype float16" if args.device != "cpu" else "")
+            failed.append((str(job.src), f"Out of memory on {args.device} while processing {job.src}; try {hint}."))
+        except Exception as e:  # a bug: show where, keep going with the other files
+            traceback.print_exc()
+            failed.append((str(job.src), f"internal error {type(e).__name__}: {e}"))
+        else:
+            done.append(job)
+            say(f"{job.src} -> {job.dst} ({time.perf_counter() - start:.1f} s)")
+            continue
+        say(f"failed: {failed[-1][1]}")
+    return done, 0
+
+
+def _print_summary(args, done: list[Job], kept: list[Job], failed: list, not_started: int) -> None:
     if len(done) + len(failed) > 1 or failed or kept:
         summary = f"{len(done)} done, " + (f"{len(kept)} kept from an earlier run, " if kept else "") + \
             (f"{not_started} not started (run the same command again), " if not_started else "") + \
@@ -463,9 +338,6 @@ def _main(argv, prog) -> int:
             summary += ":\n" + "\n".join(f"  {src}: {why}" for src, why in failed)
         if failed or not args.quiet:
             print(summary, file=sys.stderr)
-    if args.evaluate and (done or kept):
-        return max(EXIT_FAILED if failed else EXIT_OK, _evaluate(args, done + kept, out_dir, say, progress))
-    return EXIT_FAILED if failed else EXIT_OK
 
 
 def run_settings(args) -> dict:
