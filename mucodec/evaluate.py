@@ -277,15 +277,7 @@ def evaluate(pairing: Pairing, out, *, settings: dict | None = None, workers: in
     except OSError as e:
         raise OutputError(f"Cannot create the output folder {out}: {e.strerror or e}.") from None
     csv_path = out / "metrics.csv"
-    old = read_rows(csv_path)
-    rows, todo = {}, []
-    for p in pairing.pairs:
-        row = old.get(p.path)
-        # sizes and modification times to the nanosecond: files of another run are never taken for these
-        if row and row["stamp"] == p.stamp() and row["version"] == METRICS_VERSION:
-            rows[p.path] = row
-        else:
-            todo.append(p)
+    rows, todo = _scored_before(pairing, read_rows(csv_path))
     say(f"{len(pairing.pairs)} pairs: {len(rows)} scored before, {len(todo)} to score")
     workers = default_workers() if workers is None else workers
 
@@ -314,8 +306,28 @@ def evaluate(pairing: Pairing, out, *, settings: dict | None = None, workers: in
         bar.close()
     commit()
     ordered = [rows[p.path] for p in pairing.pairs]
-    settings = settings or {}
-    summary = {
+    summary = _summary(pairing, ordered, settings or {})
+    files.write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    ev = Evaluation(out, ordered, summary, pairing, len(todo))
+    report.write_report(ev, detail=report.DETAIL if detail is None else detail)
+    return ev
+
+
+def _scored_before(pairing: Pairing, old: dict) -> tuple[dict, list]:
+    """({path: row} of the pairs metrics.csv already holds for these very files, [the pairs to score])."""
+    rows, todo = {}, []
+    for p in pairing.pairs:
+        row = old.get(p.path)
+        # sizes and modification times to the nanosecond: files of another run are never taken for these
+        if row and row["stamp"] == p.stamp() and row["version"] == METRICS_VERSION:
+            rows[p.path] = row
+        else:
+            todo.append(p)
+    return rows, todo
+
+
+def _summary(pairing: Pairing, ordered: list, settings: dict) -> dict:
+    return {
         "pairs": len(ordered), "failed": sum(1 for r in ordered if r["error"]),
         "missing": pairing.missing, "extra": pairing.extra,
         "problems": [{"path": p, "message": m} for p, m in pairing.problems],
@@ -323,10 +335,6 @@ def evaluate(pairing: Pairing, out, *, settings: dict | None = None, workers: in
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "interval": "percentile, of the mean"},
         "metrics_version": METRICS_VERSION,
     }
-    files.write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    ev = Evaluation(out, ordered, summary, pairing, len(todo))
-    report.write_report(ev, detail=report.DETAIL if detail is None else detail)
-    return ev
 
 
 def print_result(ev: Evaluation, quiet: bool = False) -> None:
