@@ -189,22 +189,7 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
 
     batcher = job.batcher() if todo else None
     try:
-        for item, got in Reader(job.read, todo, workers):
-            if "error" in got:
-                fail(item, "read", got["error"])
-            else:
-                try:
-                    finish(batcher.add(item, got))
-                except StorageError:
-                    raise
-                except MuCodecError as e:  # raised before the item joined the queue
-                    fail(item, job.task, str(e))
-                del got
-            if sink.due():
-                stats.failed_rows(sink.commit(), done=True)
-        if batcher is not None:
-            finish(batcher.flush())
-        stats.failed_rows(sink.commit(), done=True)
+        _feed(job, batcher, Reader(job.read, todo, workers), sink, stats, fail, finish)
     except StorageError:  # a full disk is the job's problem, not a song's: stop, keep what is already finished
         abort(batcher)
         with contextlib.suppress(OutputError):
@@ -220,6 +205,26 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
             stats.count(batcher.counters())
     sink.close()
     return stats
+
+
+def _feed(job, batcher, reader, sink: Sink, stats: Stats, fail, finish) -> None:
+    """Every item the workers read into the batcher, committing whenever the sink is due, then the rest."""
+    for item, got in reader:
+        if "error" in got:
+            fail(item, "read", got["error"])
+        else:
+            try:
+                finish(batcher.add(item, got))
+            except StorageError:
+                raise
+            except MuCodecError as e:  # raised before the item joined the queue
+                fail(item, job.task, str(e))
+            del got
+        if sink.due():
+            stats.failed_rows(sink.commit(), done=True)
+    if batcher is not None:
+        finish(batcher.flush())
+    stats.failed_rows(sink.commit(), done=True)
 
 
 def abort(batcher) -> None:
