@@ -381,24 +381,15 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     job_songs = [s for s in songs if in_shard(s.song_id, shard)]
     planned_errors = [e for e in planned_errors if in_shard(e["song_id"], shard)]
     if not job_songs and not planned_errors:
-        rep = report(lib, Plan([], [], 0, 0), Stats(failed=lost), task="decode", engine=engine,
-                     device=torch.device(device).type,
-                     workers=workers, devices=0, wall=time.perf_counter() - start, fp=None,
-                     fields=report_fields(Stats(), 0.0, batch), write=False)
-        return Result(rep, problems)
-    if codec is not None and (codec.dtype, codec.audioldm_dtype) != (dtype, audioldm_dtype):
-        has, asked = (" / ".join(dtype_name(d) for d in pair)
-                      for pair in ((codec.dtype, codec.audioldm_dtype), (dtype, audioldm_dtype)))
-        raise ArgumentError(f"The codec passed in runs in {has} (DiT / VAE and vocoder) but the job asks for {asked}, "
-                            "which its fingerprint would record; pass the codec's precisions, or no codec.")
+        return Result(_empty_report(lib, lost, engine, device, workers, start, batch), problems)
+    _check_codec(codec, dtype, audioldm_dtype)
     ckpt = ckpt if ckpt is not None else default_checkpoint()
     ckpt_files = resolve_files(ckpt, roles_of(DECODER_STAGES), revision)
     if engine == "ray":
         from . import ray_engine
         device = ray_engine.connect(address, progress)
     if seed is None:
-        old = None if overwrite else lib.read_fingerprint()
-        seed = old["seed"] if old and old.get("task") == "decode" else secrets.randbits(63)
+        seed = _resumed_seed(lib, overwrite)
     fp = fingerprint(ckpt_files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
                      fast_vocoder=fast_vocoder, audio_format=audio_format, audioldm_dtype=audioldm_dtype)
     fp[MACHINES] = [machine(device, engine)]
@@ -410,13 +401,7 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
             + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
         job = DecodeJob(str(ckpt), revision, device, dtype, steps, guidance, seed, fast_vocoder, batch, str(out),
                         audio_format, offload, audioldm_dtype, shard, log=None if progress else say, codec=codec)
-        if engine == "ray":
-            stats, devices = ray_engine.run(job, lib, plan.todo, workers=workers, progress=progress,
-                                            extra_errors=planned_errors)
-        else:
-            devices = 1
-            stats = run_local(job, lib, plan.todo, workers=workers, progress=progress, extra_errors=planned_errors,
-                              log=say)
+        stats, devices = _run(job, lib, plan.todo, engine, workers, progress, planned_errors, say)
         wall = time.perf_counter() - start
         stats.failed += lost  # songs of unreadable shards: failed, though they have no id to make a row of
         rep = report(lib, plan, stats, task="decode", engine=engine, device=torch.device(device).type,
@@ -424,3 +409,35 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     except StorageError as e:
         raise lib.storage_error(e, job_songs) from None
     return Result(rep, problems)
+
+
+def _empty_report(lib, lost: int, engine: str, device, workers: int, start: float, batch: int) -> dict:
+    """The report of a job with no songs, which writes nothing (not even its report)."""
+    return report(lib, Plan([], [], 0, 0), Stats(failed=lost), task="decode", engine=engine,
+                  device=torch.device(device).type,
+                  workers=workers, devices=0, wall=time.perf_counter() - start, fp=None,
+                  fields=report_fields(Stats(), 0.0, batch), write=False)
+
+
+def _check_codec(codec, dtype, audioldm_dtype) -> None:
+    if codec is not None and (codec.dtype, codec.audioldm_dtype) != (dtype, audioldm_dtype):
+        has, asked = (" / ".join(dtype_name(d) for d in pair)
+                      for pair in ((codec.dtype, codec.audioldm_dtype), (dtype, audioldm_dtype)))
+        raise ArgumentError(f"The codec passed in runs in {has} (DiT / VAE and vocoder) but the job asks for {asked}, "
+                            "which its fingerprint would record; pass the codec's precisions, or no codec.")
+
+
+def _resumed_seed(lib: AudioLibrary, overwrite: bool) -> int:
+    """The seed of the decode job that made the folder, so a resumed job draws the same noise; else a new one."""
+    old = None if overwrite else lib.read_fingerprint()
+    return old["seed"] if old and old.get("task") == "decode" else secrets.randbits(63)
+
+
+def _run(job: DecodeJob, lib: AudioLibrary, todo: list, engine: str, workers: int, progress: bool,
+         planned_errors: list, say) -> tuple[Stats, int]:
+    """(stats, devices used) of running ``todo`` on the engine."""
+    if engine == "ray":
+        from . import ray_engine
+
+        return ray_engine.run(job, lib, todo, workers=workers, progress=progress, extra_errors=planned_errors)
+    return run_local(job, lib, todo, workers=workers, progress=progress, extra_errors=planned_errors, log=say), 1
