@@ -81,7 +81,6 @@ class Library(Store):
         if not self.parquet:
             return {s.song_id for s in songs if self.checked(self.mct_path(s))}
         ids = set()
-        self.records = self.read_records()  # another job of the folder may have committed since
         for f in store_files(self.shards, ".parquet"):
             if self.checked(f):
                 ids.update(parquet.shard_song_ids(f))

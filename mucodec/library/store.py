@@ -156,7 +156,6 @@ class Store:
             files.write_atomic(self.fingerprint_path, dumps({**fp, MACHINES: seen + new_machines}))
         self._clean_temporaries(songs)
         self.say = say
-        self.records = self.read_records()
         own = [r for r in self._read_manifest(self.manifest_path) if "output" in r]
         files.write_atomic(self.manifest_path, b"".join(dumps(r, indent=None) for r in
                                                         [*(s.manifest_row() for s in songs), *own]))
