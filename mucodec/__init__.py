@@ -7,15 +7,16 @@
     model = mucodec.load_model(".", device="cuda")       # tools/, muq_dev/, ckpt/ of the official layout
     from mucodec import compress
     compress.encode_file(model, "song.flac", "song.mct") # token files (0.35 kbit/s)
-    compress.decode_file(model, "song.mct", "song.wav")
+    compress.decode_file(model, "song.mct", "song.wav", mucodec.DecodingOptions(seed=0))
 """
 from .api import code2sound, current_model, load_model, sound2code, sound2sound
 from .audio import load_audio, write_wav
 from .codec import CodecConfig, MuCodec
 from .errors import (ArgumentError, AudioError, CheckpointError, CodesError, MuCodecError, NumericalError,
                      OutputError, TokenFileError)
+from .settings import DecodingOptions, EncodingOptions, JobOptions
 from .tokens import load_codes, save_codes
 
 __all__ = ["load_model", "current_model", "sound2code", "code2sound", "sound2sound", "MuCodec", "CodecConfig",
-           "load_audio", "write_wav", "save_codes", "load_codes", "MuCodecError", "CheckpointError", "AudioError",
+           "DecodingOptions", "EncodingOptions", "JobOptions", "load_audio", "write_wav", "save_codes", "load_codes", "MuCodecError", "CheckpointError", "AudioError",
            "TokenFileError", "CodesError", "ArgumentError", "OutputError", "NumericalError"]

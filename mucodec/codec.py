@@ -15,14 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import audio, decoding, tokens
-from .checks import MAX_BATCH, check_count
+from .settings import DTYPES, DecodingOptions, EncodingOptions, build  # noqa: F401  (DTYPES: its old home)
 from .checkpoint import DEFAULT_REPO, resolve_files
 from .errors import ArgumentError, CheckpointError, NumericalError
 from .stages import DECODER_STAGES, ENCODER_STAGES, Checkpoints, roles_of
 
 
 # The precisions a codec runs in, by the names the command line, fingerprints and messages use.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def dtype_name(dtype) -> str:
@@ -40,7 +39,6 @@ class CodecConfig:
     channel_peak: float = 0.9  # per-channel limit inside each encoder window
     encoder_window: int = 1966080  # 40.96 s of audio -> 1024 codes
     encoder_window_extra: int = 480  # the official encoder windows are 480 samples longer (quirk: 10 ms slip)
-    encoder_batch_size: int = 3
     layer: int = 6  # MuQ hidden_states index the quantizer reads (official layer_num=7 minus one)
     window_codes: int = 1024  # decoder window: 40.96 s, 512 latent frames
     hop_codes: int = 768
@@ -48,9 +46,6 @@ class CodecConfig:
     prompt_seconds: float = 10.24  # longest prompt used
     prompt_long_start: float = 20.48  # prompts longer than prompt_long_limit are read from here
     prompt_long_limit: float = 30.76
-    code2sound_steps: int = 20
-    sound2sound_steps: int = 50
-    guidance_scale: float = 1.5
 
     @property
     def samples_per_code(self) -> int:
@@ -203,7 +198,7 @@ class MuCodec:
         repeated), encoded ``batch_size`` windows at a time, and the codes cut to T.
         """
         wav = self.read_audio(audio, sample_rate)
-        return self._encode(wav, check_count("batch_size", batch_size, self.config.encoder_batch_size, MAX_BATCH))
+        return self._encode(wav, build(EncodingOptions, batch_size=batch_size).batch_size)
 
     def _encode(self, wav: torch.Tensor, batch_size: int) -> torch.Tensor:
         """(2, N) float32 at 48 kHz -> LongTensor (1, 1, T): the official encoder window schedule."""
@@ -272,7 +267,7 @@ class MuCodec:
 
     @torch.inference_mode()
     def decode_window(self, codes: torch.Tensor, true_latents: torch.Tensor, incontext: int, x0: torch.Tensor,
-                      opts: decoding.DecodeOptions, callback=None) -> torch.Tensor:
+                      opts: DecodingOptions, callback=None) -> torch.Tensor:
         """One window of B songs: codes (B, 1, 1024), in-context latents and initial noise (B, 32, 512, 32),
         ``incontext`` prefix frames (one int, or one per song) -> latents (B, 32, 512, 32)."""
         z_q, _ = self.quantizer.from_codes(codes)

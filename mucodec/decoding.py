@@ -9,7 +9,6 @@ the windows' audio is crossfaded (:class:`OverlapAdd`) and given out as soon as 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import audio, tokens
-from .checks import MAX_STEPS, check_count, check_generator, check_guidance
+from .settings import DecodingOptions, build, generator_for, whole_number
 from .errors import ArgumentError, AudioError, CheckpointError
 
 
@@ -31,16 +30,6 @@ def repeat_to(x: torch.Tensor, n: int) -> torch.Tensor:
 def randn(shape, generator, device) -> torch.Tensor:
     """Standard normals drawn on the CPU (the official draw order and values), then moved."""
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """Checked decoding settings of one call."""
-
-    num_steps: int
-    guidance_scale: float
-    generator: torch.Generator | None
-    fast_vocoder: bool
 
 
 @dataclass(frozen=True)
@@ -158,14 +147,6 @@ def decode_windows(codec, n: int) -> list[int]:
     return list(range(0, c.padded_codes(n) - c.hop_codes, c.hop_codes))
 
 
-def decode_options(codec, *, num_steps: int | None = None, guidance_scale: float | None = None,
-                   fast_vocoder: bool = True) -> DecodeOptions:
-    """Checked settings shared by every song of a :func:`decode_step` batch."""
-    return DecodeOptions(num_steps=check_count("num_steps", num_steps, codec.config.code2sound_steps, MAX_STEPS),
-                         guidance_scale=check_guidance(guidance_scale, codec.config.guidance_scale),
-                         generator=None, fast_vocoder=bool(fast_vocoder))
-
-
 def start_decode(codec, codes, *, num_samples: int | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, where: str = "codes") -> SongDecode:
     """One song's decode as a :class:`SongDecode`, for :func:`decode_step` batches of several songs.
@@ -175,10 +156,10 @@ def start_decode(codec, codes, *, num_samples: int | None = None, seed: int | No
     batch-size dependence of the matrix kernels (``tests/test_decode_library.py``)."""
     require_decoder(codec)
     codes, limit = read_codes(codec, codes, num_samples, where)
-    return SongDecode(codec, codes, limit, check_generator(seed, generator))
+    return SongDecode(codec, codes, limit, generator_for(seed, generator))
 
 
-def decode_step(codec, songs: list[SongDecode], opts: DecodeOptions, callback=None) -> list[list[torch.Tensor]]:
+def decode_step(codec, songs: list[SongDecode], opts: DecodingOptions, callback=None) -> list[list[torch.Tensor]]:
     """The next window of each unfinished song, as one batch through the flow decoder (batch 2B with
     guidance), then each song's window through the VAE and vocoder on its own (one window's VAE
     activations are GBs; a batch would multiply the peak for no gain on a device one window already
@@ -231,26 +212,35 @@ def iter_decode(codec, codes, *, num_samples: int | None = None, num_steps: int 
     they come). ``num_samples`` cuts the output shorter (a token file's own length is applied anyway).
     Arguments are checked before any work starts.
     """
+    options = build(DecodingOptions, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                    fast_vocoder=fast_vocoder).for_task("code2sound")
+    return stream(codec, codes, options, num_samples=num_samples, prompt=prompt,
+                  prompt_sample_rate=prompt_sample_rate, generator=generator, noise=noise)
+
+
+def stream(codec, codes, options: DecodingOptions, *, num_samples: int | None = None, prompt=None,
+           prompt_sample_rate: int | None = None, generator: torch.Generator | None = None, noise=None):
+    """:func:`iter_decode` with its settings as one resolved :class:`DecodingOptions` (the form files, jobs
+    and the server pass down). Everything is checked before the first window runs."""
     require_decoder(codec)
     codes, limit = read_codes(codec, codes, num_samples)
-    opts = decode_options(codec, num_steps=num_steps, guidance_scale=guidance_scale, fast_vocoder=fast_vocoder)
-    opts = dataclasses.replace(opts, generator=check_generator(seed, generator))
+    generator = generator_for(options.seed, generator)
     if prompt is not None:
         codec.require_encoder()
         prompt = prepare_prompt(codec, prompt, sample_rate=prompt_sample_rate)
     windows = decode_windows(codec, codes.shape[-1] + (prompt_codes(codec, prompt) if prompt is not None else 0))
     noise = check_noise(codec, noise, len(windows))
     # through the codec, so that a codec can replace the model work behind these checks (the CLI tests' fake)
-    return codec.decode_checked(codes, limit, opts, prompt, noise)
+    return codec.decode_checked(codes, limit, options, generator, prompt, noise)
 
 
-def decode_checked(codec, codes: torch.Tensor, limit: int, opts: DecodeOptions, prompt, noise):
-    """Generator behind :func:`iter_decode`; arguments are already checked.
+def decode_checked(codec, codes: torch.Tensor, limit: int, opts: DecodingOptions, generator, prompt, noise):
+    """Generator behind :func:`stream`; arguments are already checked, ``opts`` resolved.
 
     Model work runs in inference mode window by window (a mode held across ``yield`` would leak
     into the caller's code between pieces).
     """
-    song = SongDecode(codec, codes, limit, opts.generator, prompt, noise)
+    song = SongDecode(codec, codes, limit, generator, prompt, noise)
     bar = tqdm(total=len(song.starts) * opts.num_steps, desc="decode", unit="step", disable=not codec.progress,
                leave=False)
     while not song.done:
@@ -266,13 +256,12 @@ def sound2sound(codec, audio_in, *, sample_rate: int | None = None, batch_size: 
                 generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True) -> torch.Tensor:
     """The official round trip ``code2sound(sound2code(audio))`` with 50 steps by default, cut to the
     input's length: (2, N) float32 at 48 kHz. Arguments as in ``sound2code`` and :func:`code2sound`."""
+    options = build(DecodingOptions, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                    fast_vocoder=fast_vocoder).for_task("sound2sound")
     wav = codec.read_audio(audio_in, sample_rate)
     codes = codec.sound2code(wav, batch_size=batch_size)
-    steps = codec.config.sound2sound_steps if num_steps is None else num_steps
-    return torch.cat(list(codec.iter_decode(
-        codes, num_samples=wav.shape[-1], num_steps=steps, guidance_scale=guidance_scale, prompt=prompt,
-        prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator, noise=noise,
-        fast_vocoder=fast_vocoder)), -1)
+    return torch.cat(list(stream(codec, codes, options, num_samples=wav.shape[-1], prompt=prompt,
+                                 prompt_sample_rate=prompt_sample_rate, generator=generator, noise=noise)), -1)
 
 
 # ---- inputs of a decode: codes, noise, prompt ----------------------------------------------------
@@ -290,7 +279,7 @@ def read_codes(codec, codes, num_samples: int | None = None, where: str = "codes
         codes = tokens.validate_codes(codes, codec.codebook_size, where=where, num_codebooks=1)
         limit = codes.shape[-1] * codec.config.samples_per_code
     if num_samples is not None:
-        limit = min(limit, check_count("num_samples", num_samples, None, None))
+        limit = min(limit, whole_number("num_samples", num_samples))
     return codes, limit
 
 

@@ -6,16 +6,17 @@ options then do is :mod:`mucodec.cli`'s.
 from __future__ import annotations
 
 import argparse
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import checks, library, tokens
+from . import library, settings as S, tokens
+from .audio import AUDIO_FORMATS
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
-from .codec import DTYPES, CodecConfig, dtype_name, pick_device
+from .codec import dtype_name, pick_device
 from .errors import ArgumentError
 from .precision import pick_dtype
-
-_DEFAULTS = CodecConfig()
+from .settings import DTYPES, DecodingOptions, EncodingOptions, JobOptions, SettingError, build
+from .workers import default_workers
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -51,11 +52,11 @@ def _add_decoder_options(p: argparse.ArgumentParser, ext: str) -> None:
     p.add_argument("--encode", action="store_true",
                    help=f"only encode audio into {ext} token files (loads only the encoder)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help=f"flow-matching steps (default: {_DEFAULTS.sound2sound_steps} to reconstruct audio, as the "
-                        f"official sound2sound; {_DEFAULTS.code2sound_steps} to decode a token file, as the official "
-                        "code2sound)")
-    p.add_argument("--guidance", type=float, default=_DEFAULTS.guidance_scale, metavar="G",
-                   help=f"classifier-free guidance scale, at least 1 (default: {_DEFAULTS.guidance_scale})")
+                   help=f"flow-matching steps (default: {S.SOUND2SOUND_STEPS} to reconstruct audio, as the "
+                        f"official sound2sound; {S.CODE2SOUND_STEPS} to decode a token file, as the official code2sound)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help=f"classifier-free guidance scale, at least 1; 1 turns guidance off (default: "
+                        f"{S.GUIDANCE_SCALE})")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed for the decoder's noise, applied to each file (default: random)")
     p.add_argument("--device", default="auto",
@@ -72,9 +73,8 @@ def _add_precision_options(p: argparse.ArgumentParser) -> None:
                    help="precision of the VAE and vocoder (autocast), which turn the flow's latents into audio. "
                         "bfloat16 speeds them up on CPUs with native bfloat16 but moves the audio about 2.4 %% "
                         "(figures in docs/speed.md); float16 needs a GPU (default: float32)")
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.encoder_batch_size, metavar="N",
-                   help="40.96 s chunks encoded at once; lower it if memory runs out "
-                        f"(default: {_DEFAULTS.encoder_batch_size})")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help=f"40.96 s chunks encoded at once; lower it if memory runs out (default: {S.ENCODE_BATCH})")
 
 
 def _add_file_options(p: argparse.ArgumentParser, ext: str) -> None:
@@ -109,14 +109,14 @@ def _add_library_options(p: argparse.ArgumentParser, ext: str) -> None:
         "Both write a manifest, an errors table, fingerprint.json and report.json in DIR.")
     lib.add_argument("--decode-batch", type=int, default=None, metavar="B",
                      help="decoding token inputs: songs decoded together, one window each per step; lower it if "
-                          f"memory runs out (default: {library.DEFAULT_DECODE_BATCH})")
-    lib.add_argument("--audio-format", choices=("auto", *library.AUDIO_FORMATS), default="auto",
+                          f"memory runs out (default: {S.DECODE_BATCH})")
+    lib.add_argument("--audio-format", choices=("auto", *AUDIO_FORMATS), default="auto",
                      help="audio files written when decoding: flac (24-bit, lossless for it, half the size) or "
                           "wav (32-bit float, exact); auto: flac for a decode job, wav for single files")
     lib.add_argument("--offload", action="store_true",
                      help="keep the decoder's stages in CPU memory except while each runs on the GPU, so a "
                           "decode fits a small GPU (default: all on the device)")
-    lib.add_argument("--format", choices=("auto", *library.FORMATS), default="auto",
+    lib.add_argument("--format", choices=("auto", *S.TOKEN_FORMATS), default="auto",
                      help=f"parquet shards, one {ext} per song, or both; auto: parquet when an INPUT is a folder or "
                           f"a library option is given, else one {ext} per file as without it (default: auto)")
     lib.add_argument("--shard", metavar="I/N", default=None,
@@ -129,27 +129,47 @@ def _add_library_options(p: argparse.ArgumentParser, ext: str) -> None:
                      help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else a local instance)")
     lib.add_argument("--workers", type=int, default=None, metavar="N",
                      help="processes (ray: tasks) reading the inputs; 0 reads in this process (default: encoding "
-                          f"{library.default_workers()} here, one less than the cores, at most 8; decoding 1)")
+                          f"{default_workers()} here, one less than the cores, at most 8; decoding 1)")
     lib.add_argument("--retry-errors", action="store_true",
                      help="try again the songs that failed in an earlier run (default: skip them)")
     lib.add_argument("--verify", action="store_true",
                      help="resuming: check the checksum of every committed output against the manifest before "
                           "skipping its song (default: its size only); damaged outputs are done again either way")
-    lib.add_argument("--shard-size", type=int, default=library.SHARD_SONGS, metavar="N",
-                     help=f"songs per parquet shard, the unit of commit (default: {library.SHARD_SONGS}; a shard "
+    lib.add_argument("--shard-size", type=int, default=None, metavar="N",
+                     help=f"songs per parquet shard, the unit of commit (default: {S.SHARD_SONGS}; a shard "
                           f"is also committed every {library.COMMIT_SECONDS / 60:.0f} minutes)")
 
 
-def check_args(parser: argparse.ArgumentParser, args) -> None:
-    """Everything about the command line that can be wrong, found before any file is touched (exit 2)."""
-    if args.steps is not None and not 1 <= args.steps <= checks.MAX_STEPS:
-        parser.error(f"--steps must lie in [1, {checks.MAX_STEPS}]")
-    if not 1 <= args.batch_size <= checks.MAX_BATCH:
-        parser.error(f"--batch-size must lie in [1, {checks.MAX_BATCH}]")
-    if not (math.isfinite(args.guidance) and args.guidance >= 1):
-        parser.error("--guidance must be a finite number of at least 1 (1 turns guidance off)")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 64:
-        parser.error("--seed must lie in [0, 2**64)")
+@dataclass(frozen=True)
+class Settings:
+    """A command line's settings, each checked by its own dataclass."""
+
+    decoding: DecodingOptions
+    encoding: EncodingOptions
+    job: JobOptions
+
+
+# The flag that sets each field, for errors in the words of the command line.
+_FLAGS = {DecodingOptions: {"num_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
+                            "batch_size": "--decode-batch"},
+          EncodingOptions: {"batch_size": "--batch-size"},
+          JobOptions: {"shard_size": "--shard-size", "workers": "--workers", "address": "--address",
+                       "shard": "--shard"}}
+
+
+def _settings(parser: argparse.ArgumentParser, cls, **values):
+    try:
+        return build(cls, **values)
+    except SettingError as e:
+        parser.error(f"{_FLAGS[cls].get(e.name, e.name)} {e.rule}")
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> Settings:
+    """Everything about the command line that can be wrong, found before any file is touched (exit 2);
+    returns the run's settings."""
+    decoding = _settings(parser, DecodingOptions, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                         fast_vocoder=not args.official_vocoder, batch_size=args.decode_batch)
+    encoding = _settings(parser, EncodingOptions, batch_size=args.batch_size)
     if args.encode and args.prompt:
         parser.error("--prompt guides the decoder; it has no effect with --encode")
     if args.encode and args.evaluate:
@@ -165,7 +185,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         parser.error(f"-o {args.output} is a file; it must name a folder")
     encode_flags = [name for name, on in (("--format", args.format != "auto"),
-                                          ("--shard-size", args.shard_size != library.SHARD_SONGS)) if on]
+                                          ("--shard-size", args.shard_size is not None)) if on]
     if encode_flags and not args.encode:
         parser.error(f"{encode_flags[0]} is an option of --encode (tokenising a library); add --encode")
     decode_flags = [name for name, on in (("--decode-batch", args.decode_batch is not None),
@@ -174,16 +194,15 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
                                           ("--audioldm-dtype", args.audioldm_dtype != "float32")) if on]
     if decode_flags and args.encode:
         parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")
-    if args.decode_batch is not None and not 1 <= args.decode_batch <= checks.MAX_BATCH:
-        parser.error(f"--decode-batch must lie in [1, {checks.MAX_BATCH}]")
     if args.shard is not None:
         try:
             args.shard = library.parse_shard(args.shard)
         except ArgumentError as e:
             parser.error(str(e))
-    if args.address and args.engine != "ray":
-        parser.error("--address names a Ray cluster; it needs --engine ray")
-    if args.workers is not None and not 0 <= args.workers <= 256:
-        parser.error("--workers must lie in [0, 256]")
-    if not 1 <= args.shard_size <= 10 ** 6:
-        parser.error("--shard-size must lie in [1, 1000000]")
+    job = _settings(parser, JobOptions, ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=args.dtype,
+                    audioldm_dtype=args.audioldm_dtype, offload=args.offload,
+                    audio_format=None if args.audio_format == "auto" else args.audio_format,
+                    token_format=None if args.format == "auto" else args.format, shard_size=args.shard_size,
+                    shard=args.shard, engine=args.engine, address=args.address, workers=args.workers,
+                    retry_errors=args.retry_errors, overwrite=args.overwrite, verify=args.verify)
+    return Settings(decoding, encoding, job)

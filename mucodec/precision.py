@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .codec import DTYPES, dtype_name
+from .codec import dtype_name
+from .settings import DTYPES
 from .errors import ArgumentError
 from .kernels import cpu_bfloat16
 

@@ -48,13 +48,13 @@ class FakeCodec(MuCodec):
         frames = torch.nn.functional.pad(wav.abs().mean(0), (0, T * 1920 - wav.shape[-1])).reshape(T, 1920)
         return (frames.mean(1) * 1e5).long().remainder(16384).reshape(1, 1, T)
 
-    def decode_checked(self, codes, limit, opts, prompt, noise):
+    def decode_checked(self, codes, limit, opts, generator, prompt, noise):
         assert codes.dtype == torch.int64 and codes.ndim == 3 and codes.shape[:2] == (1, 1)
         self.calls.append(("decode", dict(num_steps=opts.num_steps, guidance_scale=opts.guidance_scale,
-                                          prompt=prompt, seeded=opts.generator is not None,
+                                          prompt=prompt, seeded=generator is not None,
                                           fast_vocoder=opts.fast_vocoder)))
         level = (codes[0, 0].float() / 16384 * 0.5).repeat_interleave(1920)[:limit]
-        out = level.expand(2, -1) + 0.01 * torch.randn(2, level.numel(), generator=opts.generator)
+        out = level.expand(2, -1) + 0.01 * torch.randn(2, level.numel(), generator=generator)
         yield from out.split(48000, -1)  # pieces, as the real decoder streams windows
 
 

@@ -349,8 +349,8 @@ def _broken(monkeypatch, decode):
     """Make the fake decoder call ``decode(codes, pieces)`` for its pieces."""
     real = FakeCodec.decode_checked
 
-    def decode_checked(self, codes, limit, opts, prompt, noise):
-        return decode(codes, real(self, codes, limit, opts, prompt, noise))
+    def decode_checked(self, codes, limit, opts, generator, prompt, noise):
+        return decode(codes, real(self, codes, limit, opts, generator, prompt, noise))
 
     monkeypatch.setattr(FakeCodec, "decode_checked", decode_checked)
 

@@ -11,6 +11,7 @@ Tests marked slow run them for real.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -25,6 +26,10 @@ import soundfile as sf
 import torch
 
 from mucodec import cli, decoding, library
+from mucodec.library.decode import AudioLibrary
+from mucodec.settings import DecodingOptions, JobOptions
+from mucodec.library.parquet import write_shard
+from mucodec.library.token_inputs import TokenSong
 from mucodec.codec import MuCodec
 from mucodec.errors import ArgumentError, OutputError
 from mucodec.library.decode import AudioWriter, SongDecoder, song_seed
@@ -87,22 +92,23 @@ def write_table(path: Path, columns: dict) -> Path:
     return path
 
 
-def decode(inputs, out, ckpt, **kw):
-    kw.setdefault("steps", 1)
-    kw.setdefault("audio_format", "wav")
-    kw.setdefault("workers", 0)
-    return library.decode_library([str(i) for i in inputs], out, ckpt=str(ckpt), device="cpu", **kw)
+def decode(inputs, out, ckpt, codec=None, **kw):
+    """decode_library with each keyword sent to the settings dataclass that has it."""
+    kw = {"num_steps": 1, "audio_format": "wav", "workers": 0, **kw}
+    decoding = {k: kw.pop(k) for k in [f.name for f in dataclasses.fields(DecodingOptions)] if k in kw}
+    return library.decode_library([str(i) for i in inputs], out, DecodingOptions(**decoding),
+                                  JobOptions(ckpt=str(ckpt), device="cpu", **kw), codec=codec)
 
 
 # ---- batching ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("batch,shuffle", [(1, False), (3, False), (8, False), (8, True)])
 def test_batched_songs_equal_code2sound_alone(tmp_path, codec, cheap, batch, shuffle):
-    songs = [(library.TokenSong(f"{k:016x}", f"s{k}", "-"), random_codes(n, k)) for k, n in enumerate(LENGTHS)]
+    songs = [(TokenSong(f"{k:016x}", f"s{k}", "-"), random_codes(n, k)) for k, n in enumerate(LENGTHS)]
     if shuffle:
         random.Random(1).shuffle(songs)
-    lib = library.AudioLibrary(tmp_path, "wav")
-    dec = SongDecoder(codec, decoding.decode_options(codec, num_steps=2), batch, 7, lib.audio_path,
+    lib = AudioLibrary(tmp_path, "wav")
+    dec = SongDecoder(codec, DecodingOptions(num_steps=2, batch_size=batch, seed=7), lib.audio_path,
                       AudioWriter(48000, "wav"))
     done = []
     for song, codes in songs:
@@ -123,11 +129,11 @@ def test_continuous_batching_refills_free_slots(tmp_path, codec, cheap):
     """Windows per song [3, 1, 1, 1, 1, 1] at batch 2: a finished song's slot is taken at the next step, so
     8 windows take 4 full steps (a batch kept until all its songs finish would need 5)."""
     lengths = [2000, 100, 100, 100, 100, 100]
-    lib = library.AudioLibrary(tmp_path, "wav")
-    dec = SongDecoder(codec, decoding.decode_options(codec, num_steps=1), 2, 0, lib.audio_path,
+    lib = AudioLibrary(tmp_path, "wav")
+    dec = SongDecoder(codec, DecodingOptions(num_steps=1, batch_size=2, seed=0), lib.audio_path,
                       AudioWriter(48000, "wav"))
     for k, n in enumerate(lengths):
-        dec.add(library.TokenSong(f"{k:016x}", f"s{k}", "-"), {"codes": random_codes(n, k), "num_samples": None})
+        dec.add(TokenSong(f"{k:016x}", f"s{k}", "-"), {"codes": random_codes(n, k), "num_samples": None})
     dec.flush()
     c = dec.counters()
     assert (c["windows"], c["steps"], c["slots_filled"], c["slots"]) == (8, 4, 8, 8)
@@ -147,7 +153,7 @@ def make_inputs(root: Path, codec) -> dict:
                      "num_samples": n * SPC - 999, "num_codes": n, "codes": codes.astype(np.uint16)})
         expected[path.rsplit(".", 1)[0]] = (codes, n * SPC - 999, sid)
     (root / "tok" / "shards").mkdir(parents=True)
-    library.write_shard(root / "tok" / "shards" / "all-000000.parquet", rows)
+    write_shard(root / "tok" / "shards" / "all-000000.parquet", rows)
     (root / "tok" / "fingerprint.json").write_text("{}")
     # a language model's table: an id column names the outputs; a table without one: <table>/<row>
     gen = [random_codes(n, 200 + n) for n in (40, 60)]
@@ -181,7 +187,7 @@ def test_every_input_kind_decodes(tmp_path, codec, cheap, tiny_ckpt_dir):
     expected = make_inputs(tmp_path, codec)
     inputs = [tmp_path / "tok", tmp_path / "lm" / "gen.parquet", tmp_path / "anon.parquet", tmp_path / "mct",
               str(tmp_path / "g*.mct"), tmp_path / "npy"]
-    rep = decode(inputs, tmp_path / "out", tiny_ckpt_dir, seed=3, decode_batch=3).report
+    rep = decode(inputs, tmp_path / "out", tiny_ckpt_dir, seed=3, batch_size=3).report
     assert rep["songs"]["done"] == len(expected) and rep["songs"]["failed"] == 0
     written = sorted(p.relative_to(tmp_path / "out").as_posix()[:-4] for p in (tmp_path / "out").rglob("*.wav"))
     assert written == sorted(expected)
@@ -262,7 +268,7 @@ def test_seed_is_recorded_and_reused_and_settings_are_guarded(tmp_path, cheap, t
     again = decode([songs], out, tiny_ckpt_dir).report  # no seed given: the recorded one goes on
     assert (again["songs"]["done"], again["songs"]["skipped"]) == (1, 2)
     assert np.array_equal(read(out / "s01.wav"), before["s01.wav"])
-    for change in ({"steps": 2}, {"seed": seed + 1}, {"guidance": 2.0}, {"fast_vocoder": False}):
+    for change in ({"num_steps": 2}, {"seed": seed + 1}, {"guidance_scale": 2.0}, {"fast_vocoder": False}):
         with pytest.raises(OutputError, match="made differently"):
             decode([songs], out, tiny_ckpt_dir, **change)
 

@@ -395,7 +395,7 @@ def test_reconstruct_and_evaluate_end_to_end(tmp_path, tiny_ckpt_dir, capsys):
     assert codes.shape[-1] == int(2.0 * 25) + 1
     assert row["bitrate_bps"] == math.ceil(codes.shape[-1] * 14 / 8) * 8 / 2.0
     settings = json.loads((out / "summary.json").read_text())["settings"]
-    assert settings["steps"] == 2 and settings["seed"] == 0 and settings["vocoder"] == "shared-overlaps"
+    assert settings["num_steps"] == 2 and settings["seed"] == 0 and settings["fast_vocoder"] is True
     assert set(settings["checkpoint (sha256)"]) == {"audioldm", "muq", "mucodec"}
     page = (out / "report.html").read_text()
     assert 'src="sub/one.wav"' in page and 'src="../music/sub/one.wav"' in page  # players link relatively

@@ -18,6 +18,8 @@ import soundfile as sf
 import torch
 
 from mucodec import cli, library
+from mucodec.library.encode import Library, WindowPacker
+from mucodec.library.store import machine
 from mucodec.codec import MuCodec
 from mucodec.tokens import load_codes
 
@@ -107,7 +109,7 @@ def test_single_file_still_writes_mct(tmp_path, music, tiny_ckpt_dir):
 def test_interrupted_run_resumes_without_redoing_or_duplicating(tmp_path, music, reference, tiny_ckpt_dir,
                                                                monkeypatch):
     out = tmp_path / "tok"
-    real_commit = library.Library.commit
+    real_commit = Library.commit
     commits = []
 
     def crash_after_first(self, name, rows, errors, fp=None):
@@ -116,16 +118,16 @@ def test_interrupted_run_resumes_without_redoing_or_duplicating(tmp_path, music,
         if len(commits) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(library.Library, "commit", crash_after_first)
+    monkeypatch.setattr(Library, "commit", crash_after_first)
     argv = ["--encode", music, "-o", out, "--workers", 0, "--shard-size", 2, *common(tiny_ckpt_dir)]
     assert encode(*argv) == cli.EXIT_INTERRUPTED
     first = set(commits[0])
     assert 2 <= len(first) < len(MIXED) and set(codes_of(out)) == first
-    monkeypatch.setattr(library.Library, "commit", real_commit)
+    monkeypatch.setattr(Library, "commit", real_commit)
 
     encoded = []
-    real_add = library.WindowPacker.add
-    monkeypatch.setattr(library.WindowPacker, "add", lambda self, key, wav: encoded.append(key) or real_add(self, key, wav))
+    real_add = WindowPacker.add
+    monkeypatch.setattr(WindowPacker, "add", lambda self, key, wav: encoded.append(key) or real_add(self, key, wav))
     assert encode(*argv) == 0
     assert len(encoded) == len(MIXED) - len(first)  # nothing committed was encoded again
     ids = library.read_library(out, columns=["song_id"]).column("song_id").to_pylist()
@@ -226,7 +228,7 @@ def test_bad_files_become_error_rows_and_retry_errors(tmp_path, tiny_ckpt_dir):
     make_music(music, [("nan.wav", 9600, 48000, 2)])  # the user repairs one file
     assert encode(*argv, "--retry-errors") == 1  # the other four fail again
     assert set(codes_of(out)) == {"short.wav", "nan.wav"}
-    assert library.Library(out).state().errors.keys() == {library.song_id(p) for p in errors if p != "nan.wav"}
+    assert Library(out).state().errors.keys() == {library.song_id(p) for p in errors if p != "nan.wav"}
 
 
 def test_resume_on_another_machine_warns_and_records_it(tmp_path, tiny_ckpt_dir, capsys):
@@ -235,7 +237,7 @@ def test_resume_on_another_machine_warns_and_records_it(tmp_path, tiny_ckpt_dir,
     base = ["--encode", music, "-o", out, "--workers", 0, *common(tiny_ckpt_dir)]
     assert encode(*base) == 0
     first = json.loads((out / "fingerprint.json").read_text())["machines"]
-    assert first == [library.machine("cpu")] and first[0]["threads"] == torch.get_num_threads()
+    assert first == [machine("cpu")] and first[0]["threads"] == torch.get_num_threads()
     make_music(music, MIXED[1:2])
     capsys.readouterr()
     assert encode(*base) == 0  # the same machine: no warning, nothing added
@@ -246,7 +248,7 @@ def test_resume_on_another_machine_warns_and_records_it(tmp_path, tiny_ckpt_dir,
     torch.set_num_threads(threads + 1 if threads == 1 else 1)  # what another machine would change
     try:
         assert encode(*base) == 0
-        other = library.machine("cpu")
+        other = machine("cpu")
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from mucodec import cli, library
+from mucodec import listing
+from mucodec.library.file_job import plan_files
 from mucodec.audio import audio_extensions
 from mucodec.tokens import load_codes
 from test_library import common, encode, make_music
@@ -33,7 +35,7 @@ def tangled(tmp_path) -> Path:
 
 
 def test_listing_follows_links_but_never_loops(tangled):
-    files, skipped = library.list_folder(tangled, audio_extensions())
+    files, skipped = listing.list_folder(tangled, audio_extensions())
     assert [rel for _, rel in files] == ["a/01.wav", "gone.wav", "linked/o.wav", "self.wav", "x.wav/inner.wav"]
     why = {Path(entry).name: message for entry, message in skipped}
     assert set(why) == {"up", "again", "alias"}
@@ -53,8 +55,9 @@ def test_encode_skips_loops_and_records_bad_links(tmp_path, tangled, tiny_ckpt_d
 
 
 def test_cli_listing_skips_loops_too(tangled, tmp_path):
-    found, failed = cli._expand_inputs([str(tangled)], tmp_path / "o")
-    assert sorted(rel.as_posix() for _, rel in found) == ["a/01", "linked/o", "x.wav/inner"]
+    tasks, failed = plan_files([str(tangled)], tmp_path / "o")
+    assert sorted(t.dst.relative_to(tmp_path / "o").with_suffix("").as_posix() for t in tasks) == [
+        "a/01", "linked/o", "x.wav/inner"]
     assert sorted(Path(src).name for src, _ in failed) == ["again", "alias", "up"]
 
 

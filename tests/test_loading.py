@@ -213,7 +213,7 @@ def test_bad_size_in_muq_cfg_is_one_sentence_naming_file_and_key(folder, value):
 @pytest.mark.parametrize("file, section, key, value", [
     ("ckpt/mucodec.pt", "quantizer", "codebook_dim", -1),
     ("ckpt/mucodec.pt", "codec", "layer", "2"),
-    ("ckpt/mucodec.pt", "codec", "guidance_scale", float("nan")),
+    ("ckpt/mucodec.pt", "codec", "input_peak", float("nan")),
     ("tools/audioldm_48k.pth", "vae", "ch", 10**12),
     ("tools/audioldm_48k.pth", "vocoder", "upsample_rates", 4),
 ])

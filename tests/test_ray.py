@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 
 from mucodec import cli, library
+from mucodec.library import store
 from mucodec.codec import MuCodec
 from mucodec.tokens import load_codes
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 def same_fingerprint_but_machines(ray_out, local_out) -> bool:
     """Ray and local runs record the same settings; the machines differ (a Ray cluster vs this CPU)."""
     ray_fp, local_fp = (json.loads((d / "fingerprint.json").read_text()) for d in (ray_out, local_out))
-    assert ray_fp.pop("machines") == [{"engine": "ray"}] and local_fp.pop("machines") == [library.machine("cpu")]
+    assert ray_fp.pop("machines") == [{"engine": "ray"}] and local_fp.pop("machines") == [store.machine("cpu")]
     return ray_fp == local_fp
 
 

@@ -12,6 +12,7 @@ import torch
 from mucodec import cli, compress
 from mucodec.codec import MuCodec
 from mucodec.errors import NumericalError
+from mucodec.settings import DecodingOptions
 from mucodec.tokens import save_codes
 
 
@@ -60,5 +61,5 @@ def test_nan_decoder_weights_name_their_file(tiny_ckpt_dir, tmp_path, rel, pick,
         codec.code2sound(torch.arange(30), num_steps=1, seed=0)
     token = save_codes(tmp_path / "t.mct", torch.arange(30), layer=codec.layer)
     with pytest.raises(NumericalError):
-        compress.decode_file(codec, token, tmp_path / "out.wav", num_steps=1, seed=0)
+        compress.decode_file(codec, token, tmp_path / "out.wav", DecodingOptions(num_steps=1, seed=0))
     assert not (tmp_path / "out.wav").exists() and not list(tmp_path.glob(".out.wav*"))

@@ -25,6 +25,8 @@ import soundfile as sf
 import torch
 
 from mucodec import audio, cli, evaluate, files, library, tokens
+from mucodec.library.parquet import write_shard
+from mucodec.settings import DecodingOptions, JobOptions
 from mucodec.codec import MuCodec
 from mucodec.errors import OutputError, StorageError
 from test_decode_library import cheap_wave, npy_songs, read
@@ -121,7 +123,7 @@ def test_token_files_shards_and_json_fail_whole(tmp_path, code):
              "num_samples": 1920 * 40, "num_codes": 40, "codes": np.arange(40, dtype=np.uint16)}]
     writers = {
         "x.mct": lambda p: tokens.save_codes(p, torch.arange(40)),
-        "s.parquet": lambda p: library.write_shard(p, rows),
+        "s.parquet": lambda p: write_shard(p, rows),
         "r.json": lambda p: files.write_atomic(p, b'{"a": 1}\n' * 100),
     }
     (tmp_path / "ref").mkdir()
@@ -197,14 +199,14 @@ def test_the_decode_job_stops_at_a_full_disk_and_resumes_to_the_same_audio(tmp_p
 
 def test_a_full_disk_names_the_space_the_rest_of_the_job_needs(tmp_path, songs, cheap, tiny_ckpt_dir):
     out = tmp_path / "out"
-    library.decode_library([str(songs)], out, ckpt=str(tiny_ckpt_dir), steps=1, seed=5, workers=0,
-                           audio_format="wav", decode_batch=1)
+    library.decode_library([str(songs)], out, DecodingOptions(num_steps=1, seed=5, batch_size=1),
+                           JobOptions(ckpt=str(tiny_ckpt_dir), workers=0, audio_format="wav"))
     mean = sum(p.stat().st_size for p in out.glob("*.wav")) // 5
     for name in ("s02.wav", "s03.wav", "s04.wav"):
         (out / name).unlink()
     with files.inject_fault(0), pytest.raises(StorageError) as e:
-        library.decode_library([str(songs)], out, ckpt=str(tiny_ckpt_dir), steps=1, seed=5, workers=0,
-                               audio_format="wav", decode_batch=1)
+        library.decode_library([str(songs)], out, DecodingOptions(num_steps=1, seed=5, batch_size=1),
+                               JobOptions(ckpt=str(tiny_ckpt_dir), workers=0, audio_format="wav"))
     assert f"free space on {out} (" in str(e.value) and "needed for the rest of this job" in str(e.value)
     need = str(e.value).split(f"free space on {out} (")[1].split(" needed")[0]
     assert need == files.format_bytes(3 * mean)  # three songs of the mean size recorded

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from mucodec import files, kernels  # noqa: E402
 from mucodec.codec import DTYPES, MuCodec, pick_device  # noqa: E402
+from mucodec.settings import CODE2SOUND_STEPS, DecodingOptions, JobOptions  # noqa: E402
 
 ALL_STAGES = ("gemm", "load", "sound2code", "dit_step", "vae", "vocoder", "vocoder_official", "window")
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -191,8 +192,9 @@ def decode_job(codec, ckpt, device, dtype, args):
             np.save(songs / f"s{k:04d}.npy", rng.integers(0, codec.codebook_size, int(args.decode_seconds * 25) + 1))
         for b in [int(x) for x in args.decode_batches.split(",")]:
             r, res = timed(lambda: library.decode_library(
-                [songs], Path(tmp) / f"audio-{b}", ckpt=ckpt, device=str(device), dtype=dtype, steps=args.steps,
-                seed=0, decode_batch=b, workers=0, codec=codec, audioldm_dtype=codec.audioldm_dtype), device)
+                [songs], Path(tmp) / f"audio-{b}", DecodingOptions(num_steps=args.steps, seed=0, batch_size=b),
+                JobOptions(ckpt=ckpt, device=str(device), dtype=dtype, audioldm_dtype=codec.audioldm_dtype,
+                           workers=0), codec=codec), device)
             rep = res.report
             r.update(songs=rep["songs"]["done"], audio_hours=round(rep["hours_decoded"], 4),
                      hours_per_hour=rep["hours_per_hour"], windows=rep["windows"],
@@ -213,7 +215,8 @@ def main(argv=None) -> dict:
     p.add_argument("--audioldm-dtype", choices=tuple(DTYPES), default="float32",
                    help="precision of the VAE and vocoder (stages vae, vocoder, window, song, decode)")
     p.add_argument("--stages", default=",".join(ALL_STAGES))
-    p.add_argument("--steps", type=int, default=20, help="Euler steps for 'window' and 'song' (official: 20)")
+    p.add_argument("--steps", type=int, default=CODE2SOUND_STEPS,
+                   help="Euler steps for 'window' and 'song' (default: the official code2sound's)")
     p.add_argument("--song-seconds", type=float, default=180.0)
     p.add_argument("--clip-seconds", type=float, default=40.96, help="length of the 'sound2code' clip")
     p.add_argument("--vocoder-frames", type=int, default=None,

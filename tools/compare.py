@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mucodec.codec import CodecConfig  # noqa: E402
+from mucodec.settings import CODE2SOUND_STEPS  # noqa: E402
 from mucodec.vae import VAEConfig  # noqa: E402
 from mucodec.vocoder import VocoderConfig  # noqa: E402
 
@@ -47,7 +48,7 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("official")
     p.add_argument("bench", nargs="+")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=CODE2SOUND_STEPS)
     args = p.parse_args(argv)
     official = json.loads(Path(args.official).read_text())
     ref = {it["name"]: it for it in official["items"]}

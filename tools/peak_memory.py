@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mucodec import compress  # noqa: E402
 from mucodec.codec import MuCodec  # noqa: E402
+from mucodec.settings import DECODE_BATCH, DecodingOptions, EncodingOptions, JobOptions  # noqa: E402
 
 
 def peak_mib() -> float:
@@ -123,8 +124,8 @@ def decode_job(codec: MuCodec, args, work: Path) -> None:
     for k in range(args.songs):
         np.save(songs / f"s{k:04d}.npy", rng.integers(0, codec.codebook_size, int(args.seconds * 25) + 1))
     out = work / f"audio-{args.decode_batch}"
-    library.decode_library([songs], out, ckpt=args.ckpt, device="cpu", steps=args.steps, seed=0,
-                           decode_batch=args.decode_batch, workers=0, codec=codec, overwrite=True)
+    library.decode_library([songs], out, DecodingOptions(num_steps=args.steps, seed=0, batch_size=args.decode_batch),
+                           JobOptions(ckpt=args.ckpt, device="cpu", workers=0, overwrite=True), codec=codec)
     for f in out.rglob("*.flac"):
         f.unlink()
 
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--mode", choices=("encode", "reconstruct", "decode"), required=True)
     p.add_argument("--songs", type=int, default=1, help="songs of the decode job")
-    p.add_argument("--decode-batch", type=int, default=4)
+    p.add_argument("--decode-batch", type=int, default=DECODE_BATCH)
     p.add_argument("--dit-blocks", type=int, default=None, help="keep only the DiT's first K blocks (decode)")
     p.add_argument("--stub-vae", action="store_true", help="stand-ins for the VAE and vocoder (decode)")
     p.add_argument("--steps", type=int, default=1, help="Euler steps per window when reconstructing")
@@ -166,9 +167,10 @@ def main(argv=None) -> dict:
         with Sampler() as job:
             decode_job(codec, args, work)
     elif args.mode == "encode":
-        out = compress.encode_file(codec, song, work / "out.mct", batch_size=args.batch_size)
+        out = compress.encode_file(codec, song, work / "out.mct", EncodingOptions(batch_size=args.batch_size))
     else:
-        out = compress.reconstruct_file(codec, song, work / "out.wav", batch_size=args.batch_size, num_steps=args.steps)
+        out = compress.reconstruct_file(codec, song, work / "out.wav", DecodingOptions(num_steps=args.steps),
+                                       EncodingOptions(batch_size=args.batch_size))
     result = dict(mode=args.mode, seconds=args.seconds, stub_decoder=args.stub_decoder, base_mib=round(base),
                   **(dict(songs=args.songs, decode_batch=args.decode_batch, steps=args.steps,
                           dit_blocks=args.dit_blocks, stub_vae=args.stub_vae, rss_before_job_mib=round(job.before),

@@ -2,9 +2,9 @@
 
     from mucodec import library
     songs, problems = library.scan(["music/"], out="tokens/")
-    result = library.encode_library(["music/"], "tokens/", ckpt=...)   # or the CLI: --encode music/ -o tokens/
+    result = library.encode_library(["music/"], "tokens/", job=JobOptions(ckpt=...))   # or the CLI: --encode music/ -o tokens/
     flat = library.load_flat("tokens/")              # uint16 codes of every song + offsets, for LM training
-    result = library.decode_library(["tokens/"], "audio/", ckpt=..., decode_batch=8)  # or: generate.py tokens/ -o audio/
+    result = library.decode_library(["tokens/"], "audio/", DecodingOptions(batch_size=8))  # or: generate.py tokens/ -o audio/
 
 One machinery, one module per concern:
 
@@ -37,23 +37,16 @@ is read back from those files on every start (temporary files of a crashed run a
 so a crash between two steps can neither lose nor duplicate a committed song. A job with no songs writes
 nothing. pyarrow is imported only when parquet is written or read.
 """
-from .encode import (CODE_VERSION, FORMATS, EncodeJob, Library, Result, WindowPacker, encode_library, fingerprint,
-                     read_song)
-from .decode import (DEFAULT_BATCH as DEFAULT_DECODE_BATCH, AudioLibrary, AudioWriter, DecodeJob, SongDecoder,
-                     decode_library, song_seed)
-from .token_inputs import TokenSong, is_token_input, read_tokens, scan_tokens
-from ..audio import AUDIO_FORMATS
-from .engine import COMMIT_SECONDS, SHARD_SONGS, Plan, Sink, Stats, plan_run, report, run_local, summary_line
-from .parquet import FlatCodes, iter_codes, load_flat, read_library, write_shard
-from ..listing import expand_inputs, glob_files, list_folder
-from ..workers import Reader, default_workers
-from .songs import Song, in_shard, job_tag, parse_shard, scan, song_id
-from .store import State, Store, error_row, machine, read_errors
+from .decode import Result as DecodeResult, decode_library, song_seed
+from .encode import Result, encode_library, read_song
+from .engine import COMMIT_SECONDS, summary_line
+from .parquet import FlatCodes, iter_codes, load_flat, read_library
+from .songs import in_shard, parse_shard, scan, song_id
+from .store import read_errors
+from .token_inputs import is_token_input, read_tokens, scan_tokens
 
-__all__ = ["AUDIO_FORMATS", "AudioLibrary", "AudioWriter", "DEFAULT_DECODE_BATCH", "DecodeJob", "SongDecoder",
-           "TokenSong", "decode_library", "expand_inputs", "glob_files", "is_token_input", "read_tokens",
-           "scan_tokens", "song_seed", "CODE_VERSION", "COMMIT_SECONDS", "FORMATS", "SHARD_SONGS", "EncodeJob", "FlatCodes", "Library", "Plan",
-           "Reader", "Result", "Sink", "Song", "State", "Stats", "Store", "WindowPacker", "default_workers",
-           "encode_library", "error_row", "fingerprint", "in_shard", "iter_codes", "job_tag", "list_folder", "machine",
-           "load_flat", "parse_shard", "plan_run", "read_errors", "read_library", "read_song", "report", "run_local",
-           "scan", "song_id", "summary_line", "write_shard"]
+# The entry points (the two jobs), the readers of what they write, and the ids and shards they agree on; the
+# machinery lives in the modules above.
+__all__ = ["COMMIT_SECONDS", "DecodeResult", "FlatCodes", "Result", "decode_library", "encode_library", "in_shard",
+           "is_token_input", "iter_codes", "load_flat", "parse_shard", "read_errors", "read_library", "read_song",
+           "read_tokens", "scan", "scan_tokens", "song_id", "song_seed", "summary_line"]

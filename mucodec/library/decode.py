@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -33,17 +34,15 @@ import numpy as np
 import torch
 
 from .. import audio, decoding, files, tokens
-from ..checks import MAX_BATCH, MAX_STEPS, check_count, check_guidance
-from ..codec import CodecConfig, dtype_name
 from ..errors import ArgumentError, MuCodecError, OutputError, StorageError
-from .engine import COMMIT_SECONDS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
+from ..settings import DecodingOptions, JobOptions
+from .engine import COMMIT_SECONDS, ModelJob, Sink, Stats, empty_report, joined, plan_run, report, run_on
 from .songs import in_shard
 from .store import MACHINES, Store, machine
 from .token_inputs import TokenSong, read_tokens, scan_tokens
 
 # Bump when a change to the code makes different audio from the same codes, weights and settings.
 DECODE_VERSION = 1
-DEFAULT_BATCH = 4
 WRITER_THREADS = 2
 HEARTBEAT_SECONDS = 60.0
 
@@ -147,8 +146,9 @@ class SongDecoder:
     window. A step that fails fails the songs in it, and only them.
     """
 
-    def __init__(self, codec, opts, batch_size: int, seed: int, dst, writer: AudioWriter, log=None):
-        self.codec, self.opts, self.batch_size, self.seed, self.dst = codec, opts, batch_size, seed, dst
+    def __init__(self, codec, opts: DecodingOptions, dst, writer: AudioWriter, log=None):
+        """``opts``: resolved, with the job's seed; each song's noise comes from :func:`song_seed` of it."""
+        self.codec, self.opts, self.batch_size, self.seed, self.dst = codec, opts, opts.batch_size, opts.seed, dst
         self.writer, self.log, self._logged = writer, log, time.monotonic()
         self.waiting, self.active, self.committing = collections.deque(), [], []
         self.steps = self.filled = self.windows = 0
@@ -249,8 +249,6 @@ class AudioLibrary(Store):
     what = "audio"
 
     def __init__(self, out, audio_format: str = "flac", shard: tuple[int, int] | None = None, verify: bool = False):
-        if audio_format not in audio.AUDIO_FORMATS:
-            raise ArgumentError(f"audio format {audio_format!r} is not one of {', '.join(audio.AUDIO_FORMATS)}.")
         super().__init__(out, shard, verify)
         self.audio_format = audio_format
 
@@ -260,44 +258,44 @@ class AudioLibrary(Store):
     def committed(self, songs) -> set[str]:
         return {s.song_id for s in songs if self.checked(self.audio_path(s))}
 
+    def read_fingerprint(self) -> dict | None:
+        return _current_names(super().read_fingerprint())
+
     def song_files(self, song) -> list[Path]:
         return [self.audio_path(song)]
 
 
-def fingerprint(ckpt_files: dict, *, steps: int, guidance: float, seed: int, dtype, device, fast_vocoder: bool,
-                audio_format: str, audioldm_dtype=torch.float32) -> dict:
-    """What decides the audio: the decoder's checkpoint files (by content), this code, and the settings.
-    The VAE and vocoder's precision is written only where it is reduced, so folders decoded before it was
-    an option still resume."""
-    reduced = {} if audioldm_dtype == torch.float32 else {"audioldm_dtype": dtype_name(audioldm_dtype)}
+def fingerprint(ckpt_files: dict, options: DecodingOptions, job: JobOptions) -> dict:
+    """What decides the audio: the decoder's checkpoint files (by content), this code, the decoding options
+    (resolved, with their seed) and the job's precision, device type and format. The VAE and vocoder's
+    precision is written only where it is reduced, so folders decoded before it was an option still resume."""
+    reduced = {} if job.audioldm_dtype == "float32" else {"audioldm_dtype": job.audioldm_dtype}
     return {
         "task": "decode",
         "code_version": DECODE_VERSION,
         "checkpoints": {r: files.sha256(p) for r, p in sorted(ckpt_files.items()) if r in ("mucodec", "audioldm")},
-        "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
-        "dtype": dtype_name(dtype), "device": torch.device(device).type,
-        "vocoder": "shared-overlaps" if fast_vocoder else "official", "audio_format": audio_format, **reduced,
+        **options.fingerprint(), "dtype": job.dtype, "device": torch.device(job.device).type,
+        "audio_format": job.audio_format, **reduced,
     }
+
+
+def _current_names(fp: dict | None) -> dict | None:
+    """A fingerprint written before the settings took the official names, in today's names (so that folder
+    still resumes)."""
+    if not fp or "steps" not in fp:
+        return fp
+    old = {"steps", "guidance", "vocoder"}
+    return {**{k: v for k, v in fp.items() if k not in old}, "num_steps": fp["steps"],
+            "guidance_scale": fp["guidance"], "fast_vocoder": fp["vocoder"] != "official"}
 
 
 @dataclass
 class DecodeJob(ModelJob):
-    """The decode job as the engines see it (:class:`engine.Job`)."""
+    """The decode job as the engines see it (:class:`engine.Job`): resolved options with the job's seed."""
 
-    ckpt: str
-    revision: str | None
-    device: str
-    dtype: torch.dtype
-    steps: int
-    guidance: float
-    seed: int
-    fast_vocoder: bool
-    batch_size: int
+    options: DecodingOptions
+    job: JobOptions
     out: str
-    audio_format: str
-    offload: bool = False
-    audioldm_dtype: torch.dtype = torch.float32
-    shard: tuple | None = None
     log: object = None  # a line every minute or so while songs decode (this process only)
     commit_seconds: float = COMMIT_SECONDS
     codec: object = None  # the decoder; None: loaded by the first batcher() (a Ray actor loads its own)
@@ -306,16 +304,14 @@ class DecodeJob(ModelJob):
     read = staticmethod(read_tokens)
 
     def batcher(self) -> SongDecoder:
-        self.model(decoder_only=True, offload=self.offload, audioldm_dtype=self.audioldm_dtype)
-        opts = decoding.decode_options(self.codec, num_steps=self.steps, guidance_scale=self.guidance,
-                                       fast_vocoder=self.fast_vocoder)
-        lib = AudioLibrary(self.out, self.audio_format, self.shard)
-        return SongDecoder(self.codec, opts, self.batch_size, self.seed, lib.audio_path,
-                           AudioWriter(self.codec.sample_rate, self.audio_format, record=lib.record), self.log)
+        self.model(decoder_only=True, offload=self.job.offload, audioldm_dtype=self.job.torch_audioldm_dtype)
+        lib = AudioLibrary(self.out, self.job.audio_format, self.job.shard)
+        return SongDecoder(self.codec, self.options, lib.audio_path,
+                           AudioWriter(self.codec.sample_rate, self.job.audio_format, record=lib.record), self.log)
 
     def sink(self, store: Store) -> Sink:
         # each song commits itself (its audio file); the sink commits error rows, one file per batch of them
-        return Sink(store, songs_per_commit=max(64, self.batch_size), commit_seconds=self.commit_seconds)
+        return Sink(store, songs_per_commit=max(64, self.options.batch_size), commit_seconds=self.commit_seconds)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "log": None}  # a Ray actor logs through Ray
@@ -350,94 +346,68 @@ class Result:
     problems: list  # [(input, message)]
 
 
-def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype=torch.float32, steps=None,
-                   guidance=None, seed=None, fast_vocoder=True, audio_format="flac", decode_batch=DEFAULT_BATCH,
-                   shard=None, engine="local", address=None, workers=None, retry_errors=False, overwrite=False,
-                   offload=False, audioldm_dtype=torch.float32, codec=None, progress=False, verify=False,
-                   say=lambda msg: None) -> Result:
+def decode_library(inputs, out, options: DecodingOptions = DecodingOptions(), job: JobOptions = JobOptions(), *,
+                   codec=None, progress: bool = False, say=lambda msg: None) -> Result:
     """Decode the songs under ``inputs`` into one audio file each under ``out`` (see the module docstring).
 
-    A job with no songs writes nothing; a finished job run again loads no model; output made with other
-    weights or settings is refused (OutputError) unless ``overwrite``; per-song failures become error rows.
-    ``codec``: a MuCodec already loaded from ``ckpt`` (local engine), instead of loading one.
-    ``audioldm_dtype``: precision of the VAE and vocoder (default float32; see ``MuCodec.from_pretrained``).
-    ``verify``: check the checksum of every committed song's audio, not only its size, before skipping it.
-    A full, read-only or failing disk raises :class:`StorageError` at once, naming the folder and the space the
-    rest of the job needs; nothing damaged is committed, and the same call resumes once it is fixed.
+    ``options``: how (steps default to code2sound's; no seed: the folder's recorded one, else a new one);
+    ``job``: weights, precision, format, shards, engine. A job with no songs writes nothing; a finished job run
+    again loads no model; output made with other weights or settings is refused (OutputError) unless
+    ``job.overwrite``; per-song failures become error rows. ``codec``: a MuCodec already loaded from
+    ``job.ckpt`` (local engine), instead of loading one. A full, read-only or failing disk raises
+    :class:`StorageError` at once, naming the folder and the space the rest of the job needs; nothing damaged
+    is committed, and the same call resumes once it is fixed.
     """
     from ..checkpoint import default_checkpoint, resolve_files
     from ..stages import DECODER_STAGES, roles_of
 
     start = time.perf_counter()
-    cfg = CodecConfig()
-    steps = check_count("steps", steps, cfg.code2sound_steps, MAX_STEPS)
-    guidance = check_guidance(guidance, cfg.guidance_scale)
-    batch = check_count("decode_batch", decode_batch, DEFAULT_BATCH, MAX_BATCH)
-    workers = 1 if workers is None else int(workers)
-    if engine not in ("local", "ray"):
-        raise ArgumentError(f"engine {engine!r} is not one of local, ray.")
-    lib = AudioLibrary(out, audio_format, shard, verify)
+    options = options.for_task("code2sound")
+    workers = 1 if job.workers is None else job.workers
+    lib = AudioLibrary(out, job.audio_format, job.shard, job.verify)
     songs, problems, planned_errors, lost = scan_tokens(inputs, out)
-    job_songs = [s for s in songs if in_shard(s.song_id, shard)]
-    planned_errors = [e for e in planned_errors if in_shard(e["song_id"], shard)]
+    job_songs = [s for s in songs if in_shard(s.song_id, job.shard)]
+    planned_errors = [e for e in planned_errors if in_shard(e["song_id"], job.shard)]
     if not job_songs and not planned_errors:
-        return Result(_empty_report(lib, lost, engine, device, workers, start, batch), problems)
-    _check_codec(codec, dtype, audioldm_dtype)
-    ckpt = ckpt if ckpt is not None else default_checkpoint()
-    ckpt_files = resolve_files(ckpt, roles_of(DECODER_STAGES), revision)
-    if engine == "ray":
-        from . import ray_engine
-        device = ray_engine.connect(address, progress)
-    if seed is None:
-        seed = _resumed_seed(lib, overwrite)
-    fp = fingerprint(ckpt_files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
-                     fast_vocoder=fast_vocoder, audio_format=audio_format, audioldm_dtype=audioldm_dtype)
-    fp[MACHINES] = [machine(device, engine)]
+        return Result(empty_report(lib, "decode", job.engine, job.device, workers, start,
+                                   report_fields(Stats(), 0.0, options.batch_size), failed=lost), problems)
+    _check_codec(codec, job)
+    if job.ckpt is None:
+        job = dataclasses.replace(job, ckpt=str(default_checkpoint()))
+    ckpt_files = resolve_files(job.ckpt, roles_of(DECODER_STAGES), job.revision)
+    job = joined(job, progress)
+    if options.seed is None:
+        options = dataclasses.replace(options, seed=_resumed_seed(lib, job.overwrite))
+    fp = fingerprint(ckpt_files, options, job)
+    fp[MACHINES] = [machine(job.device, job.engine)]
     try:  # a full disk, wherever it stops the job, is said of the folder with what the rest needs
-        lib.prepare(job_songs, fp, overwrite, say)
-        plan = plan_run(lib, job_songs, retry_errors)
+        lib.prepare(job_songs, fp, job.overwrite, say)
+        plan = plan_run(lib, job_songs, job.retry_errors)
         say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed "
-            f"earlier, {len(plan.todo)} to decode (seed {seed})"
-            + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
-        job = DecodeJob(str(ckpt), revision, device, dtype, steps, guidance, seed, fast_vocoder, batch, str(out),
-                        audio_format, offload, audioldm_dtype, shard, log=None if progress else say, codec=codec)
-        stats, devices = _run(job, lib, plan.todo, engine, workers, progress, planned_errors, say)
+            f"earlier, {len(plan.todo)} to decode (seed {options.seed})"
+            + ("" if job.shard is None else f" (shard {job.shard[0]}/{job.shard[1]})"))
+        run = DecodeJob(options, job, str(out), log=None if progress else say, codec=codec)
+        stats, devices = run_on(job.engine, run, lib, plan.todo, workers=workers, progress=progress,
+                                extra_errors=planned_errors, log=say)
         wall = time.perf_counter() - start
         stats.failed += lost  # songs of unreadable shards: failed, though they have no id to make a row of
-        rep = report(lib, plan, stats, task="decode", engine=engine, device=torch.device(device).type,
-                     workers=workers, devices=devices, wall=wall, fp=fp, fields=report_fields(stats, wall, batch))
+        rep = report(lib, plan, stats, task="decode", engine=job.engine, device=torch.device(job.device).type,
+                     workers=workers, devices=devices, wall=wall, fp=fp,
+                     fields=report_fields(stats, wall, options.batch_size))
     except StorageError as e:
         raise lib.storage_error(e, job_songs) from None
     return Result(rep, problems)
 
 
-def _empty_report(lib, lost: int, engine: str, device, workers: int, start: float, batch: int) -> dict:
-    """The report of a job with no songs, which writes nothing (not even its report)."""
-    return report(lib, Plan([], [], 0, 0), Stats(failed=lost), task="decode", engine=engine,
-                  device=torch.device(device).type,
-                  workers=workers, devices=0, wall=time.perf_counter() - start, fp=None,
-                  fields=report_fields(Stats(), 0.0, batch), write=False)
-
-
-def _check_codec(codec, dtype, audioldm_dtype) -> None:
-    if codec is not None and (codec.dtype, codec.audioldm_dtype) != (dtype, audioldm_dtype):
-        has, asked = (" / ".join(dtype_name(d) for d in pair)
-                      for pair in ((codec.dtype, codec.audioldm_dtype), (dtype, audioldm_dtype)))
-        raise ArgumentError(f"The codec passed in runs in {has} (DiT / VAE and vocoder) but the job asks for {asked}, "
-                            "which its fingerprint would record; pass the codec's precisions, or no codec.")
+def _check_codec(codec, job: JobOptions) -> None:
+    if codec is not None and (codec.dtype, codec.audioldm_dtype) != (job.torch_dtype, job.torch_audioldm_dtype):
+        has = " / ".join(str(d).removeprefix("torch.") for d in (codec.dtype, codec.audioldm_dtype))
+        raise ArgumentError(f"The codec passed in runs in {has} (DiT / VAE and vocoder) but the job asks for "
+                            f"{job.dtype} / {job.audioldm_dtype}, which its fingerprint would record; pass the "
+                            "codec's precisions, or no codec.")
 
 
 def _resumed_seed(lib: AudioLibrary, overwrite: bool) -> int:
     """The seed of the decode job that made the folder, so a resumed job draws the same noise; else a new one."""
     old = None if overwrite else lib.read_fingerprint()
     return old["seed"] if old and old.get("task") == "decode" else secrets.randbits(63)
-
-
-def _run(job: DecodeJob, lib: AudioLibrary, todo: list, engine: str, workers: int, progress: bool,
-         planned_errors: list, say) -> tuple[Stats, int]:
-    """(stats, devices used) of running ``todo`` on the engine."""
-    if engine == "ray":
-        from . import ray_engine
-
-        return ray_engine.run(job, lib, todo, workers=workers, progress=progress, extra_errors=planned_errors)
-    return run_local(job, lib, todo, workers=workers, progress=progress, extra_errors=planned_errors, log=say), 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,28 +23,28 @@ import numpy as np
 import torch
 
 from .. import audio, files, tokens
-from ..codec import dtype_name
-from ..errors import ArgumentError, MuCodecError, OutputError, StorageError
+from ..errors import MuCodecError, OutputError, StorageError
+from ..settings import EncodingOptions, JobOptions, output_fields
 from ..workers import default_workers
 from . import parquet
-from .engine import COMMIT_SECONDS, SHARD_SONGS, ModelJob, Plan, Sink, Stats, plan_run, report, run_local
+from .engine import COMMIT_SECONDS, ModelJob, Sink, Stats, empty_report, joined, plan_run, report, run_on
 from .songs import Song, in_shard, scan
 from .store import MACHINES, Store, committed_files as store_files, dumps, error_row, machine
 
 # Bump when a change to the code makes different codes from the same audio and weights: old output
 # then no longer matches the fingerprint and is refused instead of being silently mixed with new codes.
 CODE_VERSION = 1
-FORMATS = ("mct", "parquet", "both")
 
 
-def fingerprint(ckpt_files: dict, *, batch_size: int, dtype, device) -> dict:
-    """What decides the codes: the encoder's checkpoint files (by content), this code, and the run's settings."""
+def fingerprint(ckpt_files: dict, options: EncodingOptions, job: JobOptions) -> dict:
+    """What decides the codes: the encoder's checkpoint files (by content), this code, the encoding options
+    (the batch size: the kernels' sums depend on it) and the job's precision and device type."""
     return {
         "code_version": CODE_VERSION,
         "checkpoints": {role: files.sha256(p) for role, p in sorted(ckpt_files.items()) if role in ("muq", "mucodec")},
-        "batch_size": int(batch_size),
-        "dtype": dtype_name(dtype),
-        "device": torch.device(device).type,
+        **output_fields(options),
+        "dtype": job.dtype,
+        "device": torch.device(job.device).type,
         "torch": torch.__version__,
     }
 
@@ -58,8 +59,6 @@ class Library(Store):
     machine_effect = "a rare near-tie code can differ between them (docs/library.md: Codes across machines)"
 
     def __init__(self, out, fmt: str = "parquet", shard: tuple[int, int] | None = None, verify: bool = False):
-        if fmt not in FORMATS:
-            raise ArgumentError(f"format {fmt!r} is not one of {', '.join(FORMATS)}.")
         super().__init__(out, shard, verify)
         self.fmt = fmt
         self.index_path = self.out / ("index.json" if shard is None else f"index-{self.tag}.json")
@@ -308,13 +307,9 @@ class EncodeSink(Sink):
 class EncodeJob(ModelJob):
     """The encode job as the engines see it (:class:`engine.Job`)."""
 
-    ckpt: str
-    revision: str | None
-    device: str
-    dtype: torch.dtype
-    batch_size: int
+    options: EncodingOptions
+    job: JobOptions
     fp: dict
-    shard_songs: int = SHARD_SONGS
     commit_seconds: float = COMMIT_SECONDS
     codec: object = None  # the encoder; None: loaded by the first batcher() (a Ray actor loads its own)
 
@@ -322,10 +317,10 @@ class EncodeJob(ModelJob):
     read = staticmethod(read_item)
 
     def batcher(self) -> SongEncoder:
-        return SongEncoder(self.model(encoder_only=True), self.batch_size)
+        return SongEncoder(self.model(encoder_only=True), self.options.batch_size)
 
     def sink(self, store: Library) -> EncodeSink:
-        return EncodeSink(store, self.fp, self.shard_songs, self.commit_seconds)
+        return EncodeSink(store, self.fp, self.job.shard_size, self.commit_seconds)
 
 
 def report_fields(lib: Library, stats: Stats, wall: float) -> dict:
@@ -360,62 +355,49 @@ class Result:
     problems: list  # [(input, message)]: inputs that named nothing, entries of folders that were skipped
 
 
-def encode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype=torch.float32, fmt="parquet",
-                   shard=None, engine="local", address=None, workers=None, batch_size=3, retry_errors=False,
-                   overwrite=False, shard_songs=SHARD_SONGS, commit_seconds=COMMIT_SECONDS, progress=False,
-                   verify=False, say=lambda msg: None) -> Result:
+def encode_library(inputs, out, options: EncodingOptions = EncodingOptions(), job: JobOptions = JobOptions(), *,
+                   commit_seconds: float = COMMIT_SECONDS, progress: bool = False, say=lambda msg: None) -> Result:
     """Tokenise the songs under ``inputs`` into ``out`` (see the package docstring); returns the report.
 
-    A job with no songs writes nothing (not even ``out``); a finished job run again loads no model and
-    encodes nothing; a job whose output was made with other weights or settings is refused (OutputError)
-    unless ``overwrite``. Per-song failures become error rows. ``verify``: check the checksum of every committed
-    output, not only its size, before trusting it. A full, read-only or failing disk raises :class:`StorageError`
-    at once; nothing damaged is committed, and the same call resumes once it is fixed.
+    ``job``: weights, precision, ``token_format`` and ``shard_size``, shards, engine. A job with no songs writes
+    nothing (not even ``out``); a finished job run again loads no model and encodes nothing; a job whose output
+    was made with other weights or settings is refused (OutputError) unless ``job.overwrite``. Per-song failures
+    become error rows. A full, read-only or failing disk raises :class:`StorageError` at once; nothing damaged
+    is committed, and the same call resumes once it is fixed.
     """
     from ..checkpoint import default_checkpoint, resolve_files
     from ..stages import ENCODER_STAGES, roles_of
 
     start = time.perf_counter()
-    workers = default_workers() if workers is None else int(workers)
-    if engine not in ("local", "ray"):
-        raise ArgumentError(f"engine {engine!r} is not one of local, ray.")
+    workers = default_workers() if job.workers is None else job.workers
     songs, problems = scan(inputs, out)
-    lib = Library(out, fmt, shard, verify)
-    job_songs = [s for s in songs if in_shard(s.song_id, shard)]
+    lib = Library(out, job.token_format, job.shard, job.verify)
+    job_songs = [s for s in songs if in_shard(s.song_id, job.shard)]
     if not job_songs:
         # nothing to do writes nothing: no folder, fingerprint, manifest or report, and no model is looked for
-        rep = report(lib, Plan([], [], 0, 0), Stats(), task="encode", engine=engine, device=torch.device(device).type,
-                     workers=workers, devices=0, wall=time.perf_counter() - start, fp=None,
-                     fields=report_fields(lib, Stats(), 0.0), write=False)
-        return Result(rep, problems)
+        return Result(empty_report(lib, "encode", job.engine, job.device, workers, start,
+                                   report_fields(lib, Stats(), 0.0)), problems)
     if lib.parquet:
         parquet.require_pyarrow()
-    ckpt = ckpt if ckpt is not None else default_checkpoint()
-    ckpt_files = resolve_files(ckpt, roles_of(ENCODER_STAGES), revision)
-    if engine == "ray":
-        from . import ray_engine
-        device = ray_engine.connect(address, progress)
-    fp = {**fingerprint(ckpt_files, batch_size=batch_size, dtype=dtype, device=device), MACHINES: [machine(device, engine)]}
+    if job.ckpt is None:
+        job = dataclasses.replace(job, ckpt=str(default_checkpoint()))
+    ckpt_files = resolve_files(job.ckpt, roles_of(ENCODER_STAGES), job.revision)
+    job = joined(job, progress)
+    fp = {**fingerprint(ckpt_files, options, job), MACHINES: [machine(job.device, job.engine)]}
     try:  # a full disk, wherever it stops the job, is said of the folder with what the rest needs
-        lib.prepare(job_songs, fp, overwrite, say)
-        plan = plan_run(lib, job_songs, retry_errors)
+        lib.prepare(job_songs, fp, job.overwrite, say)
+        plan = plan_run(lib, job_songs, job.retry_errors)
         todo, collisions = mct_collisions(lib, plan.todo)
         say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed "
             f"earlier, {len(todo) + len(collisions)} to encode"
-            + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
-        job = EncodeJob(str(ckpt), revision, device, dtype, batch_size, fp, shard_songs, commit_seconds)
-        if engine == "ray":
-            stats, devices = ray_engine.run(job, lib, todo, workers=workers, progress=progress,
-                                            extra_errors=collisions)
-        else:
-            devices = 1
-            if todo:
-                say(f"loading the MuCodec encoder from {ckpt} on {device}")
-                job.batcher()
-            stats = run_local(job, lib, todo, workers=workers, progress=progress, extra_errors=collisions,
-                              log=say)
+            + ("" if job.shard is None else f" (shard {job.shard[0]}/{job.shard[1]})"))
+        run = EncodeJob(options, job, fp, commit_seconds)
+        if todo and job.engine == "local":
+            say(f"loading the MuCodec encoder from {job.ckpt} on {job.device}")
+        stats, devices = run_on(job.engine, run, lib, todo, workers=workers, progress=progress,
+                                extra_errors=collisions, log=say)
         wall = time.perf_counter() - start
-        rep = report(lib, plan, stats, task="encode", engine=engine, device=torch.device(device).type,
+        rep = report(lib, plan, stats, task="encode", engine=job.engine, device=torch.device(job.device).type,
                      workers=workers, devices=devices, wall=wall, fp=fp, fields=report_fields(lib, stats, wall))
     except StorageError as e:
         raise lib.storage_error(e, job_songs) from None

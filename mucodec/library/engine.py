@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ..errors import MuCodecError, OutputError, StorageError
+from ..settings import SHARD_SONGS
 from ..workers import Reader
 from .songs import in_shard
 from .store import Store, error_row
 
-SHARD_SONGS = 1000  # songs per commit
 COMMIT_SECONDS = 600.0  # and at least one commit every so often, so a crash loses little
 
 
@@ -53,14 +53,14 @@ class Job(Protocol):
 
 class ModelJob:
     """What both jobs share: the model, loaded on the first batcher in the process that runs it (this one, or a
-    Ray actor) and kept; it never travels with the job. A subclass has ckpt, revision, device, dtype, codec."""
+    Ray actor) and kept; it never travels with the job. A subclass has ``job`` (its JobOptions) and codec."""
 
     def model(self, **kwargs):
         if self.codec is None:
             from ..codec import MuCodec
 
-            self.codec = MuCodec.from_pretrained(self.ckpt, device=self.device, dtype=self.dtype,
-                                                 revision=self.revision, **kwargs)
+            self.codec = MuCodec.from_pretrained(self.job.ckpt, device=self.job.device, dtype=self.job.torch_dtype,
+                                                 revision=self.job.revision, **kwargs)
         return self.codec
 
     def __getstate__(self) -> dict:
@@ -205,6 +205,38 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
             stats.count(batcher.counters())
     sink.close()
     return stats
+
+
+def run_on(engine: str, job, store: Store, todo: list, *, workers: int, progress: bool, extra_errors=(),
+           log=None) -> tuple[Stats, int]:
+    """(stats, devices used) of running ``todo`` through ``job`` on ``engine``: local or ray (Ray Data)."""
+    if engine == "ray":
+        from . import ray_engine
+
+        return ray_engine.run(job, store, todo, workers=workers, progress=progress, extra_errors=extra_errors)
+    return run_local(job, store, todo, workers=workers, progress=progress, extra_errors=extra_errors, log=log), 1
+
+
+def joined(job, progress: bool):
+    """``job`` (JobOptions) with the device its engine runs the model on: with ray, the cluster is joined (or
+    a local instance started) here, and its device kind is the model's."""
+    if job.engine != "ray":
+        return job
+    import dataclasses
+
+    from . import ray_engine
+
+    return dataclasses.replace(job, device=ray_engine.connect(job.address, progress))
+
+
+def empty_report(store: Store, task: str, engine: str, device: str, workers: int, start: float, fields: dict,
+                 failed: int = 0) -> dict:
+    """The report of a job with no songs, which writes nothing (not even its report)."""
+    import torch
+
+    return report(store, Plan([], [], 0, 0), Stats(failed=failed), task=task, engine=engine,
+                  device=torch.device(device).type, workers=workers, devices=0, wall=time.perf_counter() - start,
+                  fp=None, fields=fields, write=False)
 
 
 def _feed(job, batcher, reader, sink: Sink, stats: Stats, fail, finish) -> None:
