@@ -273,6 +273,23 @@ def test_seed_is_recorded_and_reused_and_settings_are_guarded(tmp_path, cheap, t
             decode([songs], out, tiny_ckpt_dir, **change)
 
 
+def test_a_folder_fingerprinted_with_the_old_names_resumes(tmp_path, cheap, tiny_ckpt_dir):
+    """Folders decoded before the settings took the official names (steps, guidance, vocoder) resume as they
+    are; a changed setting is still refused."""
+    songs = npy_songs(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    decode([songs], out, tiny_ckpt_dir, seed=4)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    old = {k: v for k, v in fp.items() if k not in ("num_steps", "guidance_scale", "fast_vocoder")}
+    old.update(steps=fp["num_steps"], guidance=fp["guidance_scale"], vocoder="shared-overlaps")
+    (out / "fingerprint.json").write_text(json.dumps(old))
+    (out / "s01.wav").unlink()
+    again = decode([songs], out, tiny_ckpt_dir).report
+    assert (again["songs"]["done"], again["songs"]["skipped"]) == (1, 1) and again["fingerprint"]["seed"] == 4
+    with pytest.raises(OutputError, match="made differently"):
+        decode([songs], out, tiny_ckpt_dir, fast_vocoder=False)
+
+
 def test_the_vae_and_vocoder_precision_reaches_the_job_and_its_fingerprint(tmp_path, monkeypatch, tiny_ckpt_dir):
     seen = []
 

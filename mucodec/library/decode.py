@@ -35,7 +35,7 @@ import torch
 
 from .. import audio, decoding, files, tokens
 from ..errors import ArgumentError, MuCodecError, OutputError, StorageError
-from ..settings import DecodingOptions, JobOptions
+from ..settings import DecodingOptions, JobOptions, output_fields
 from .engine import COMMIT_SECONDS, ModelJob, Sink, Stats, empty_report, joined, plan_run, report, run_on
 from .songs import in_shard
 from .store import MACHINES, Store, machine
@@ -280,13 +280,16 @@ def fingerprint(ckpt_files: dict, options: DecodingOptions, job: JobOptions) -> 
 
 
 def _current_names(fp: dict | None) -> dict | None:
-    """A fingerprint written before the settings took the official names, in today's names (so that folder
-    still resumes)."""
-    if not fp or "steps" not in fp:
+    """A folder's fingerprint in today's names, so folders decoded by earlier versions still resume: the names
+    before the settings took the official ones (steps, guidance, vocoder) are renamed, and a decoding setting
+    the fingerprint lacks (one added since) had its default then."""
+    if not fp or fp.get("task") != "decode":
         return fp
-    old = {"steps", "guidance", "vocoder"}
-    return {**{k: v for k, v in fp.items() if k not in old}, "num_steps": fp["steps"],
-            "guidance_scale": fp["guidance"], "fast_vocoder": fp["vocoder"] != "official"}
+    if "steps" in fp:
+        old = {"steps", "guidance", "vocoder"}
+        fp = {**{k: v for k, v in fp.items() if k not in old}, "num_steps": fp["steps"],
+              "guidance_scale": fp["guidance"], "fast_vocoder": fp["vocoder"] != "official"}
+    return {**output_fields(DecodingOptions()), **fp}
 
 
 @dataclass
