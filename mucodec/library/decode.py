@@ -154,15 +154,38 @@ class SongDecoder:
         self.steps = self.filled = self.windows = 0
 
     def add(self, song: TokenSong, got: dict) -> list[tuple]:
-        if got.get("header") is not None:  # a token file made for another model is refused by name
-            tokens.check_compatible(got["header"], self.codec.token_spec, song.file)
-        dec = decoding.start_decode(self.codec, got["codes"], num_samples=got.get("num_samples"),
-                                    seed=song_seed(self.seed, song.song_id), where=f"The codes of {song.where()}")
-        self.waiting.append((song, dec))
+        self.submit(song, got)
         failed = []
         while len(self.active) + len(self.waiting) >= self.batch_size:
             failed += self._step()
         return failed + self._committed(wait=False)
+
+    def submit(self, song, got: dict) -> decoding.SongDecode:
+        """Queue a song without stepping: :meth:`add` for a caller that steps on its own schedule (the server).
+        ``got["seed"]``, where given, seeds the song's noise itself, as ``code2sound(seed=...)`` alone would."""
+        if got.get("header") is not None:  # a token file made for another model is refused by name
+            tokens.check_compatible(got["header"], self.codec.token_spec, song.file)
+        seed = got.get("seed")
+        dec = decoding.start_decode(self.codec, got["codes"], num_samples=got.get("num_samples"),
+                                    seed=song_seed(self.seed, song.song_id) if seed is None else seed,
+                                    where=f"The codes of {song.where()}")
+        self.waiting.append((song, dec))
+        return dec
+
+    def step(self) -> list[tuple]:
+        """One window of every song in the batch; returns the songs that finished or failed since the last call."""
+        return self._step() + self._committed(wait=False)
+
+    def cancel(self, song) -> bool:
+        """Drop ``song`` (waiting or in the batch; its output aborted), freeing its slot for the next step."""
+        for queue in (self.waiting, self.active):
+            for item in list(queue):
+                if item[0] is song:
+                    queue.remove(item)
+                    if queue is self.active:
+                        self.writer.abort(song)
+                    return True
+        return False
 
     def flush(self) -> list[tuple]:
         failed = []
