@@ -6,7 +6,8 @@ Endpoints (docs/serving.md): ``POST /v1/decode`` (a ``.mct`` or ``.npy`` token f
 ``{"codes": [...]}``; query ``steps``, ``guidance``, ``seed``, ``format=wav|flac``) streams each decoder
 window's audio as soon as it is final, its bytes joined equal to the file ``compress.decode_file`` writes for
 the same codes and seed (float WAV; FLAC's samples); ``POST /v1/encode`` (audio -> ``.mct``, or JSON with
-``?format=json``); ``GET /healthz``; ``GET /metrics`` (Prometheus text).
+``?format=json``); ``GET /healthz``; ``GET /metrics`` (Prometheus text); ``GET /``: a page to upload a song
+or a token file and hear it as it streams in.
 
 One thread owns the model and the decode job's batcher (:mod:`serve_worker`); requests queue to it, so
 concurrent decodes share the flow decoder's batches. Needs the ``serve`` extra (requirements-serve.txt).
@@ -30,12 +31,13 @@ import soundfile
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import audio, tokens
 from .checks import check_generator
 from .errors import AudioError, MuCodecError, NumericalError, TokenFileError
+from .serve_page import PAGE
 from .serve_worker import DecodeRequest, DecodeWorker, EncodeJob, ServeConfig, default_options
 
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac"}
@@ -250,6 +252,9 @@ class Service:
                                  "frame_rate": self.codec.config.frame_rate})
         return Response(token_file, media_type="application/octet-stream")
 
+    async def page(self, request) -> Response:
+        return HTMLResponse(PAGE)
+
     async def healthz(self, request) -> Response:
         return PlainTextResponse("ok\n")
 
@@ -283,7 +288,7 @@ def create_app(codec, config: ServeConfig | None = None, api_key: str | None = N
 
     routes = [Route("/v1/decode", _answer(service.decode), methods=["POST"]),
               Route("/v1/encode", _answer(service.encode), methods=["POST"]),
-              Route("/healthz", service.healthz), Route("/metrics", service.metrics_text)]
+              Route("/healthz", service.healthz), Route("/metrics", service.metrics_text), Route("/", service.page)]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.service = service
     return app

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
+import itertools
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -158,7 +162,7 @@ def test_json_and_npy_bodies_decode_like_the_token_file(server, codec, tmp_path)
 # ---- batching across requests ------------------------------------------------------------------
 
 def test_concurrent_requests_share_batches_and_each_equals_its_solo_decode(server, codec, tmp_path):
-    lengths = [50, 900, 1025, 120, 300, 800, 10, 700]  # 1 or 2 windows each
+    lengths = [50, 900, 120, 300, 10, 700, 400, 600]  # 1 window each, one of 2
     bodies = [token_file(codec, random_codes(n, 20 + k)) for k, n in enumerate(lengths)]
     before = {k: d.counters() for k, d in server.service.worker.decoders.items()}
 
@@ -194,6 +198,7 @@ def bad_bodies(codec) -> dict:
         "empty": ("", b""), "garbage": ("", b"\x00garbage bytes"), "json without codes": ("", b'{"code": [1]}'),
         "float codes": ("", b'{"codes": [1.5, 2]}'), "codes out of range": ("", b'{"codes": [1, 16384]}'),
         "negative codes": ("", b'{"codes": [-1]}'), "no codes": ("", b'{"codes": []}'),
+        "a path": ("", b'{"codes": "/etc/passwd"}'), "huge codes": ("", b'{"codes": [100000000000000000000000]}'),
         "npy of floats": ("", npy_float.getvalue()), "npy of two songs": ("", npy_rows.getvalue()),
         "damaged token file": ("", bytes(damaged)), "another model's tokens": ("", other),
         "steps": ("steps=0", b'{"codes": [1]}'), "steps not a number": ("steps=x", b'{"codes": [1]}'),
@@ -299,6 +304,13 @@ def test_metrics_are_prometheus_text(server):
     assert 0 < value["mucodec_batch_fill"] <= 1 and value["mucodec_queue_depth"] == 0
 
 
+def test_the_page_uploads_to_the_endpoints_and_shows_the_figures(server):
+    r = server.client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    for needed in ('"/v1/encode"', '"/v1/decode?"', "time to first audio", "real-time factor", 'type="file"'):
+        assert needed in r.text, needed
+
+
 def test_listening_beyond_this_machine_asks_for_a_key(capsys):
     assert serve.main(["--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
@@ -358,3 +370,87 @@ def test_sigterm_lets_the_requests_in_flight_finish(tiny_ckpt_dir, codec, tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- the page in a headless Chromium -----------------------------------------------------------
+
+class Chromium:
+    """Headless Chromium driven over its DevTools pipe (fds 3 and 4: JSON messages ended by NUL)."""
+
+    def __init__(self, exe: str, profile: Path):
+        import fcntl
+
+        to_browser_r, to_browser_w = os.pipe()
+        from_browser_r, from_browser_w = os.pipe()
+        # moved above 4 first, so that placing one at 3 or 4 in the child cannot overwrite the other
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]
+
+        def fds():
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
+
+        argv = [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+                "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}", "about:blank"]
+        self.proc = subprocess.Popen(argv, pass_fds=(3, 4), preexec_fn=fds, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        for fd in (to_browser_r, from_browser_w, *high):
+            os.close(fd)
+        self.out, self.inp = to_browser_w, from_browser_r
+        self.buf, self.ids, self.session = b"", itertools.count(1), None
+
+    def call(self, method: str, **params):
+        n = next(self.ids)
+        msg = {"id": n, "method": method, "params": params}
+        if self.session:
+            msg["sessionId"] = self.session
+        os.write(self.out, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buf:
+                data = os.read(self.inp, 1 << 16)
+                assert data, "Chromium closed its pipe"
+                self.buf += data
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == n:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def evaluate(self, expression: str, gesture: bool = False):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                         userGesture=gesture)["result"].get("value")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.out)
+        os.close(self.inp)
+
+
+def test_the_page_plays_a_token_file_in_chromium(server, codec, tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("no Chromium on this machine")
+    song = tmp_path / "song.mct"
+    song.write_bytes(token_file(codec, random_codes(900, 8)))  # 2 windows
+    browser = Chromium(exe, tmp_path / "profile")
+    try:
+        target = browser.call("Target.createTarget", url=server.url + "/")["targetId"]
+        browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        deadline = time.monotonic() + 30
+        while browser.evaluate("document.readyState + !!document.getElementById('file')") != "completetrue":
+            assert time.monotonic() < deadline, "the page did not load"
+            time.sleep(0.1)
+        root = browser.call("DOM.getDocument")["root"]["nodeId"]
+        node = browser.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        browser.call("DOM.setFileInputFiles", files=[str(song)], nodeId=node)
+        browser.evaluate("document.getElementById('steps').value = 1; document.querySelector('button').click()",
+                         gesture=True)
+        deadline = time.monotonic() + 60
+        while "real-time factor" not in (text := browser.evaluate("document.getElementById('out').textContent")):
+            assert time.monotonic() < deadline and "Error" not in text, text
+            time.sleep(0.2)
+        playback = browser.evaluate("window.playback")
+        assert playback == {"state": "running", "frames": 900 * SPC}  # every sample was scheduled to play
+        assert re.search(r"time to first audio \d+\.\d\d s\nreal-time factor \d+\.\d{3} ", text), text
+    finally:
+        browser.close()
