@@ -38,7 +38,7 @@ from . import audio, tokens
 from .checks import check_generator
 from .errors import AudioError, MuCodecError, NumericalError, TokenFileError
 from .serve_page import PAGE
-from .serve_worker import DecodeRequest, DecodeWorker, EncodeJob, ServeConfig, default_options
+from .serve_worker import DecodeRequest, DecodeWorker, EncodeJob, JobFailed, ServeConfig, default_options
 
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac"}
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -203,7 +203,9 @@ class Service:
         seed = query_number(q, "seed", int)
         check_generator(seed, None)
         seed = secrets.randbits(63) if seed is None else seed
-        codes, num_samples = read_codes_body(await read_body(request, self.config.max_body_bytes), self.codec)
+        body = await read_body(request, self.config.max_body_bytes)
+        # parsing and checking a large body takes a while: off the event loop, which serves the streams
+        codes, num_samples = await asyncio.to_thread(read_codes_body, body, self.codec)
         seconds = codes.shape[-1] / self.codec.config.frame_rate
         if seconds > self.config.max_seconds:
             raise Refusal(413, f"The codes sent stand for {seconds:.1f} s of audio, longer than the server's limit "
@@ -240,14 +242,19 @@ class Service:
 
     async def encode(self, request) -> Response:
         self.check_key(request)
-        as_json = request.query_params.get("format", "mct") == "json"
+        fmt = request.query_params.get("format", "mct")
+        if fmt not in ("mct", "json"):
+            raise Refusal(400, f"format={fmt!r} is not one of mct, json; pass one of them.")
         data = await read_body(request, self.config.max_body_bytes)
-        wav, rate, channels = read_audio_body(data, self.config.max_seconds)
+        wav, rate, channels = await asyncio.to_thread(read_audio_body, data, self.config.max_seconds)
         job = EncodeJob(wav, wav.shape[-1], rate, channels)
         if not self.worker.admit(job):
             raise self.busy()
-        codes, token_file = await asyncio.wrap_future(job.future)
-        if as_json:
+        try:
+            codes, token_file = await asyncio.wrap_future(job.future)
+        except JobFailed as e:
+            raise Refusal(e.status, e.sentence) from None
+        if fmt == "json":
             return JSONResponse({"codes": codes[0, 0].tolist(), "num_samples": wav.shape[-1],
                                  "frame_rate": self.codec.config.frame_rate})
         return Response(token_file, media_type="application/octet-stream")

@@ -43,6 +43,14 @@ class ServeConfig:
     guidance: float | None = None  # default guidance scale (None: the codec's, 1.5)
 
 
+class JobFailed(Exception):
+    """A request the server could not carry out (shutting down, an internal error): ``status`` and why."""
+
+    def __init__(self, status: int, sentence: str):
+        super().__init__(sentence)
+        self.status, self.sentence = status, sentence
+
+
 class NoMetrics:
     """What the worker reports, for a caller that records none."""
 
@@ -195,12 +203,19 @@ class DecodeWorker:
                 jobs, gone = list(self.inbox), self.gone
                 self.inbox.clear()
                 self.gone = []
-            for req in gone:
-                self._drop(req)
-            for job in jobs:
-                self._take(job)
-            self._step()
-        self._abort_all()
+            try:
+                for req in gone:
+                    self._drop(req)
+                for job in jobs:
+                    self._take(job)
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a bug fails the requests in the batchers, not the server
+                why = f"internal error {type(e).__name__}: {e}"
+                for job in jobs:  # those not yet taken when it happened
+                    self._fail(job, 500, why)
+                self._abort_all(500, why)
+                self.decoders.clear()
+        self._abort_all(503, "The server is shutting down; send the request again.")
 
     def _take(self, job) -> None:
         if isinstance(job, EncodeJob):
@@ -252,16 +267,24 @@ class DecodeWorker:
         with self.cond:
             self.open -= 1
 
-    def _abort_all(self) -> None:
+    def _abort_all(self, status: int, why: str) -> None:
         for dec in self.decoders.values():
             for req, _ in list(dec.waiting) + list(dec.active):
                 dec.cancel(req)
-                self._close(req, 503, "The server is shutting down; send the request again.")
-        for job in list(self.inbox):
-            if isinstance(job, DecodeRequest):
-                self._close(job, 503, "The server is shutting down; send the request again.")
-            else:
-                job.future.set_exception(MuCodecError("The server is shutting down; send the request again."))
+                self._close(req, status, why)
+        with self.cond:
+            left = list(self.inbox)
+            self.inbox.clear()
+        for job in left:
+            self._fail(job, status, why)
+
+    def _fail(self, job, status: int, why: str) -> None:
+        """Answer a request not yet answered with ``status`` and ``why``."""
+        if isinstance(job, DecodeRequest):
+            self._close(job, status, why)
+        elif not job.future.done():
+            job.future.set_exception(JobFailed(status, why))
+            self._finished()
 
 
 def _no_path(req) -> None:

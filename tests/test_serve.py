@@ -39,7 +39,7 @@ pytest.importorskip("prometheus_client")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from mucodec import compress, decoding, serve  # noqa: E402
+from mucodec import compress, decoding, serve, serve_worker  # noqa: E402
 from mucodec.codec import MuCodec  # noqa: E402
 from mucodec.serve_worker import ServeConfig  # noqa: E402
 from mucodec.tokens import encode_tokens, save_codes  # noqa: E402
@@ -213,8 +213,9 @@ def test_every_bad_body_gets_400_and_one_sentence(server, codec):
         assert r.status_code == 400, (name, r.text)
         assert one_sentence(r.text), (name, r.text)
         assert server.healthy()
-    r = server.client.post("/v1/encode", content=b"not audio")
-    assert r.status_code == 400 and one_sentence(r.text) and server.healthy()
+    for query in ("", "?format=xml"):
+        r = server.client.post(f"/v1/encode{query}", content=b"not audio")
+        assert r.status_code == 400 and one_sentence(r.text) and server.healthy()
 
 
 def test_oversize_bodies_and_songs_get_413(codec):
@@ -276,6 +277,18 @@ def test_a_nan_fails_its_request_only(server, codec, monkeypatch):
     assert r.status_code == 500 and "NaN" in r.text and one_sentence(r.text)
     monkeypatch.setattr(MuCodec, "latents_to_wave", cheap_wave)
     assert server.client.post("/v1/decode?seed=1", json={"codes": [1, 2, 3]}).status_code == 200
+
+
+def test_an_internal_error_fails_the_requests_in_hand_not_the_server(server, monkeypatch):
+    def boom(self, req, dst=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(serve_worker.StreamWriter, "open", boom)
+    r = server.client.post("/v1/decode?seed=1", json={"codes": [1, 2, 3]})
+    assert r.status_code == 500 and "internal error RuntimeError: boom" in r.text
+    monkeypatch.undo()
+    assert server.client.post("/v1/decode?seed=1", json={"codes": [1, 2, 3]}).status_code == 200
+    assert server.service.worker.open == 0
 
 
 # ---- encode, metrics, the command line ---------------------------------------------------------

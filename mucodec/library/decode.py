@@ -16,7 +16,8 @@ of the song alone whatever the batch and the order (``tests/test_decode_library.
 Batching (:class:`SongDecoder`): windows of one song are sequential (each starts from the previous window's
 latents), so window k of up to ``decode_batch`` songs runs through the flow decoder together; a finished
 song's slot goes to the next song's first window at once (continuous batching), and writer threads encode
-and write the audio while the model computes.
+and write the audio while the model computes. The HTTP server (``serve_worker``) drives the same batcher
+through ``submit``/``step``/``cancel``, with a writer of its own that streams each request's audio.
 """
 from __future__ import annotations
 
