@@ -210,8 +210,14 @@ class SongDecoder:
             song, dec = self.waiting.popleft()
             self.writer.open(song, self.dst(song))
             self.active.append((song, dec))
+        songs = [song for song, _ in self.active]
+
+        def hand_out(i: int, pieces: list) -> None:  # a song's audio goes as soon as its own vocoder has run
+            for p in pieces:
+                self.writer.write(songs[i], p)
+
         try:
-            pieces = decoding.decode_step(self.codec, [dec for _, dec in self.active], self.opts)
+            decoding.decode_step(self.codec, [dec for _, dec in self.active], self.opts, on_song=hand_out)
         except Exception as e:  # out of memory, damaged weights, a bug: this batch's songs fail, the job goes on
             why = _failure(e, self.batch_size)
             failed = [(song, None, why) for song, _ in self.active]
@@ -225,9 +231,7 @@ class SongDecoder:
         if self.log is not None and time.monotonic() - self._logged >= HEARTBEAT_SECONDS:
             self._logged = time.monotonic()  # a window can take minutes on a CPU: say that work goes on
             self.log(f"decode: {self.windows} windows done, {len(self.active)} songs in the batch")
-        for (song, dec), ps in zip(self.active, pieces):
-            for p in ps:
-                self.writer.write(song, p)
+        for song, dec in self.active:
             if dec.done:
                 self.committing.append((song, dec, self.writer.close(song)))
         self.active = [(song, dec) for song, dec in self.active if not dec.done]
