@@ -154,7 +154,9 @@ class DecodeWorker:
         self.codec, self.config, self.metrics = codec, config, metrics or NoMetrics()
         self.cond = threading.Condition()
         self.inbox, self.gone, self.open, self.stopping = collections.deque(), [], 0, False
-        self.decoders: dict = {}
+        self.decoders: dict = {}  # (steps, guidance) -> the batcher of requests with those settings
+        defaults = default_options(codec, config)
+        self.default_key = (defaults.num_steps, defaults.guidance_scale)
         self._turn = 0
         self.thread = threading.Thread(target=self._run, name="mucodec-model", daemon=True)
 
@@ -257,6 +259,9 @@ class DecodeWorker:
         dec.writer.failed.clear()
         for req, _, why in done:
             self._close(req, None if why is None else 500, why)
+        # the batcher of a setting no request uses any more goes, so that many settings cannot pile them up
+        for key in [k for k, d in self.decoders.items() if k != self.default_key and not (d.active or d.waiting)]:
+            del self.decoders[key]
 
     def _close(self, req: DecodeRequest, status: int | None, why: str | None) -> None:
         if req.end(status, why):

@@ -205,6 +205,16 @@ def test_each_song_of_a_step_is_handed_out_before_the_next_songs_vocoder_runs(co
     assert all(handed[i] is out[i] for i in range(3))
 
 
+def test_other_settings_get_a_batcher_of_their_own_that_goes_when_idle(server, codec, tmp_path):
+    r = server.client.post("/v1/decode?seed=4&steps=2&guidance=1", json={"codes": [5, 6, 7]})
+    assert r.status_code == 200
+    path = tmp_path / "x.wav"
+    compress.decode_file(codec, torch.tensor([5, 6, 7]), path, seed=4, num_steps=2, guidance_scale=1.0)
+    assert r.content == path.read_bytes()
+    wait_until(lambda: set(server.service.worker.decoders) <= {server.service.worker.default_key},
+               "an idle batcher of other settings was kept")
+
+
 # ---- bad input and limits ----------------------------------------------------------------------
 
 def bad_bodies(codec) -> dict:
