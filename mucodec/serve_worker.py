@@ -224,6 +224,8 @@ class DecodeWorker:
             job.run(self.codec)
             self._finished()
             return
+        if job.closed:  # its client left before it was taken: nothing to compute
+            return
         key = (job.opts.num_steps, job.opts.guidance_scale)
         dec = self.decoders.get(key)
         if dec is None:
