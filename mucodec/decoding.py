@@ -159,11 +159,14 @@ def start_decode(codec, codes, *, num_samples: int | None = None, seed: int | No
     return SongDecode(codec, codes, limit, generator_for(seed, generator))
 
 
-def decode_step(codec, songs: list[SongDecode], opts: DecodingOptions, callback=None) -> list[list[torch.Tensor]]:
+def decode_step(codec, songs: list[SongDecode], opts: DecodingOptions, callback=None,
+                on_song=None) -> list[list[torch.Tensor]]:
     """The next window of each unfinished song, as one batch through the flow decoder (batch 2B with
     guidance), then each song's window through the VAE and vocoder on its own (one window's VAE
     activations are GBs; a batch would multiply the peak for no gain on a device one window already
-    fills). Returns, per song, the (2, n) float32 CPU pieces of its output that became final."""
+    fills). Returns, per song, the (2, n) float32 CPU pieces of its output that became final.
+    ``on_song(i, pieces)`` gets song i's pieces as soon as they are final, before the next song's VAE and
+    vocoder run (a listener of song 0 need not wait for the whole batch)."""
     inputs = [s.window_inputs() for s in songs]
     codes, true_latents, x0 = (torch.cat([i[j] for i in inputs]) for j in (0, 1, 3))
     incontext = [i[2] for i in inputs]
@@ -174,6 +177,8 @@ def decode_step(codec, songs: list[SongDecode], opts: DecodingOptions, callback=
         # the song's end can lie inside the window: the vocoder skips what cannot reach it
         wav = codec.latents_to_wave(song.audible(lat), opts.fast_vocoder, num_samples=song.remaining).cpu()
         out.append(song.take(lat, wav))
+        if on_song is not None:
+            on_song(len(out) - 1, out[-1])
     return out
 
 

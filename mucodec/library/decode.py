@@ -16,7 +16,8 @@ of the song alone whatever the batch and the order (``tests/test_decode_library.
 Batching (:class:`SongDecoder`): windows of one song are sequential (each starts from the previous window's
 latents), so window k of up to ``decode_batch`` songs runs through the flow decoder together; a finished
 song's slot goes to the next song's first window at once (continuous batching), and writer threads encode
-and write the audio while the model computes.
+and write the audio while the model computes. The HTTP server (``serve_worker``) drives the same batcher
+through ``submit``/``step``/``cancel``, with a writer of its own that streams each request's audio.
 """
 from __future__ import annotations
 
@@ -154,15 +155,38 @@ class SongDecoder:
         self.steps = self.filled = self.windows = 0
 
     def add(self, song: TokenSong, got: dict) -> list[tuple]:
-        if got.get("header") is not None:  # a token file made for another model is refused by name
-            tokens.check_compatible(got["header"], self.codec.token_spec, song.file)
-        dec = decoding.start_decode(self.codec, got["codes"], num_samples=got.get("num_samples"),
-                                    seed=song_seed(self.seed, song.song_id), where=f"The codes of {song.where()}")
-        self.waiting.append((song, dec))
+        self.submit(song, got)
         failed = []
         while len(self.active) + len(self.waiting) >= self.batch_size:
             failed += self._step()
         return failed + self._committed(wait=False)
+
+    def submit(self, song, got: dict) -> decoding.SongDecode:
+        """Queue a song without stepping: :meth:`add` for a caller that steps on its own schedule (the server).
+        ``got["seed"]``, where given, seeds the song's noise itself, as ``code2sound(seed=...)`` alone would."""
+        if got.get("header") is not None:  # a token file made for another model is refused by name
+            tokens.check_compatible(got["header"], self.codec.token_spec, song.file)
+        seed = got.get("seed")
+        dec = decoding.start_decode(self.codec, got["codes"], num_samples=got.get("num_samples"),
+                                    seed=song_seed(self.seed, song.song_id) if seed is None else seed,
+                                    where=f"The codes of {song.where()}")
+        self.waiting.append((song, dec))
+        return dec
+
+    def step(self) -> list[tuple]:
+        """One window of every song in the batch; returns the songs that finished or failed since the last call."""
+        return self._step() + self._committed(wait=False)
+
+    def cancel(self, song) -> bool:
+        """Drop ``song`` (waiting or in the batch; its output aborted), freeing its slot for the next step."""
+        for queue in (self.waiting, self.active):
+            for item in list(queue):
+                if item[0] is song:
+                    queue.remove(item)
+                    if queue is self.active:
+                        self.writer.abort(song)
+                    return True
+        return False
 
     def flush(self) -> list[tuple]:
         failed = []
@@ -186,8 +210,14 @@ class SongDecoder:
             song, dec = self.waiting.popleft()
             self.writer.open(song, self.dst(song))
             self.active.append((song, dec))
+        songs = [song for song, _ in self.active]
+
+        def hand_out(i: int, pieces: list) -> None:  # a song's audio goes as soon as its own vocoder has run
+            for p in pieces:
+                self.writer.write(songs[i], p)
+
         try:
-            pieces = decoding.decode_step(self.codec, [dec for _, dec in self.active], self.opts)
+            decoding.decode_step(self.codec, [dec for _, dec in self.active], self.opts, on_song=hand_out)
         except Exception as e:  # out of memory, damaged weights, a bug: this batch's songs fail, the job goes on
             why = _failure(e, self.batch_size)
             failed = [(song, None, why) for song, _ in self.active]
@@ -201,9 +231,7 @@ class SongDecoder:
         if self.log is not None and time.monotonic() - self._logged >= HEARTBEAT_SECONDS:
             self._logged = time.monotonic()  # a window can take minutes on a CPU: say that work goes on
             self.log(f"decode: {self.windows} windows done, {len(self.active)} songs in the batch")
-        for (song, dec), ps in zip(self.active, pieces):
-            for p in ps:
-                self.writer.write(song, p)
+        for song, dec in self.active:
             if dec.done:
                 self.committing.append((song, dec, self.writer.close(song)))
         self.active = [(song, dec) for song, dec in self.active if not dec.done]
