@@ -175,7 +175,8 @@ class SelfAttention(nn.Module):
             return y.view(b, n, self.num_heads, -1).transpose(1, 2)
 
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
-        if self.cpu_block and q.device.type == "cpu" and (
+        # the chunked kernel writes into a preallocated output, which autograd cannot follow (training)
+        if self.cpu_block and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad) and (
                 q.dtype == torch.bfloat16 or q.dtype == torch.float32 and onednn_float32()):
             o = chunked_attention(q, k, v, max(1, self.cpu_block // (n * q.element_size())))
         else:
