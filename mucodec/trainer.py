@@ -113,7 +113,7 @@ class Trainer:
         self.codec, self.train, self.val, self.opts, self.log = codec, train, val, opts, log
         self.run, self.base_files, self.fingerprint = Path(run), base_files, fingerprint or {}
         self.flow = codec.flow
-        self.names = set_trainable(self.flow, TRAINABLE)
+        self.names = set_trainable(codec, TRAINABLE)
         self.params = {n: p for n, p in self.flow.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=opts.lr, betas=tuple(opts.betas),
                                            weight_decay=opts.weight_decay)
@@ -192,7 +192,7 @@ class Trainer:
         if not bool(torch.isfinite(x).all()):
             last = self.state_dir / train_state.LAST
             kept = f"its last good checkpoint {last} is intact" if last.exists() else "no checkpoint was written yet"
-            raise NumericalError(f"The training {what} became {float(x.float().sum())} at step {self.step + 1}, so "
+            raise NumericalError(f"The training {what} became {float(x.detach().float().sum())} at step {self.step + 1}, so "
                                  f"the run stopped and {kept}; lower the learning rate or check the data.")
 
     # ---- the run --------------------------------------------------------------------------------

@@ -68,11 +68,14 @@ def draw(objective: Objective, shape: tuple, generator: torch.Generator) -> Draw
     return Draws(t, noise, prefix, dropped)
 
 
-def set_trainable(flow, names=TRAINABLE) -> list[str]:
-    """Make the parameters of ``flow`` whose names start with one of ``names`` trainable and every other
-    one frozen; returns the trainable names."""
+def set_trainable(codec, names=TRAINABLE) -> list[str]:
+    """Make the flow decoder's parameters whose names start with one of ``names`` trainable and every other
+    parameter of ``codec`` (MuQ, quantizer, VAE, vocoder included) frozen; returns the trainable names."""
+    for stage in (codec.muq, codec.quantizer, codec.vae, codec.vocoder):
+        if stage is not None:
+            stage.requires_grad_(False)
     chosen = []
-    for name, p in flow.named_parameters():
+    for name, p in codec.flow.named_parameters():
         p.requires_grad_(name.startswith(tuple(names)))
         if p.requires_grad:
             chosen.append(name)
