@@ -19,11 +19,10 @@ from tqdm.auto import tqdm
 
 from . import files, metrics, train_state
 from .errors import ArgumentError, NumericalError
-from .training import TRAINABLE, Objective, cfm_loss, draw, set_trainable
+from .training import SEED_STRIDE, TRAINABLE, Objective, Windows, cfm_loss, draw, set_trainable
 
 METRICS_CSV = "metrics.csv"
 COLUMNS = ("step", "loss", "lr", "grad_norm", "val_mel", "val_latent_l2")
-SEED_STRIDE = 1_000_003  # seeds of the data order of successive epochs and of validation windows
 
 
 @dataclass(frozen=True)
@@ -78,26 +77,6 @@ class TrainOptions:
         span = max(1, self.max_steps - self.warmup_steps)
         cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * cos
-
-
-@dataclass
-class Windows:
-    """Training windows in memory: codes (N, 1, T) int, latents (N, C, T / 2, W) (bf16 or float32), valid (N,)."""
-
-    codes: torch.Tensor
-    latents: torch.Tensor
-    valid: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.codes.shape[0]
-
-    def order(self, epoch: int, seed: int) -> torch.Tensor:
-        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
-
-    def batch(self, position: int, size: int, seed: int) -> tuple:
-        """The ``size`` windows from ``position`` of the endless shuffled stream (a new order every epoch)."""
-        idx = [int(self.order(p // len(self), seed)[p % len(self)]) for p in range(position, position + size)]
-        return self.codes[idx], self.latents[idx].float(), self.valid[idx]
 
 
 class Trainer:
@@ -297,3 +276,31 @@ class Trainer:
 
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def fit_folder(data, run, *, ckpt=None, revision=None, device="cpu", opts: TrainOptions = TrainOptions(),
+               holdout: float | None = None, log=print) -> dict:
+    """Fine-tune the decoder of ``ckpt`` on a prepared folder ``data`` into the run folder ``run``
+    (resuming it); returns the model card. The settings are printed and saved as ``run``/config.json."""
+    from .checkpoint import default_checkpoint, resolve_files
+    from .codec import MuCodec
+    from .library.prepare import HOLDOUT, load_windows
+
+    ckpt = ckpt if ckpt is not None else default_checkpoint()
+    base_files = resolve_files(ckpt, ("audioldm", "muq", "mucodec"), revision)
+    if Path(run).resolve() in {Path(p).resolve().parent.parent for p in base_files.values()}:
+        raise ArgumentError(f"The run folder {run} is the starting checkpoint's folder; write the run elsewhere.")
+    holdout = HOLDOUT if holdout is None else holdout
+    train, val = load_windows(data, holdout)
+    if train is None:
+        raise ArgumentError(f"Every song of {data} is held out; lower the held-out fraction.")
+    config = {"data": str(data), "ckpt": str(ckpt), "device": str(device), "holdout": holdout,
+              "training_windows": len(train), "validation_windows": 0 if val is None else len(val),
+              "options": dataclasses.asdict(opts)}
+    log(json.dumps(config, indent=2))
+    Path(run).mkdir(parents=True, exist_ok=True)
+    files.write_atomic(Path(run) / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    fp_path = Path(data) / "fingerprint.json"
+    fingerprint = {"sha256": files.sha256(fp_path), "windows": len(train) + (0 if val is None else len(val))}
+    codec = MuCodec.from_pretrained(ckpt, device=device, revision=revision, decoder_only=True)
+    return Trainer(codec, train, val, run, opts, base_files, fingerprint, log).fit()

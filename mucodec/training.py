@@ -23,6 +23,7 @@ from .errors import ArgumentError
 # codes' embedding into the condition, and the condition of frames past the song's end. MuQ and the
 # quantizer stay frozen, so every token already made stays valid; the VAE and vocoder are not in the flow.
 TRAINABLE = ("estimator.", "cond_muencoder_emb.", "zero_cond_embedding1")
+SEED_STRIDE = 1_000_003  # seeds of the data order of successive epochs and of validation windows
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,27 @@ def cfm_loss(flow, z_q: torch.Tensor, latents: torch.Tensor, valid: torch.Tensor
     v = flow.estimator(x, d.t.to(x.device)).float()
     mask = generated.expand_as(target).to(target.dtype)
     return ((v - target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class Windows:
+    """Training windows in memory: codes (N, 1, T) int, latents (N, C, T / 2, W) (bf16 or float32), valid (N,)."""
+
+    codes: torch.Tensor
+    latents: torch.Tensor
+    valid: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def order(self, epoch: int, seed: int) -> torch.Tensor:
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
+
+    def batch(self, position: int, size: int, seed: int) -> tuple:
+        """The ``size`` windows from ``position`` of the endless shuffled stream (a new order every epoch)."""
+        n, orders, idx = len(self), {}, []
+        for p in range(position, position + size):
+            if p // n not in orders:
+                orders[p // n] = self.order(p // n, seed)
+            idx.append(int(orders[p // n][p % n]))
+        return self.codes[idx], self.latents[idx].float(), self.valid[idx]

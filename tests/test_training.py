@@ -11,8 +11,8 @@ import torch
 from mucodec.checkpoint import read_checkpoint, resolve_files, state_dict_of
 from mucodec.codec import MuCodec
 from mucodec.errors import ArgumentError, NumericalError
-from mucodec.trainer import Trainer, TrainOptions, Windows
-from mucodec.training import TRAINABLE, Draws, Objective, cfm_loss, dit_inputs, draw, set_trainable
+from mucodec.trainer import Trainer, TrainOptions
+from mucodec.training import TRAINABLE, Draws, Windows, Objective, cfm_loss, dit_inputs, draw, set_trainable
 
 FRAMES = 8  # latent frames per test window (16 codes)
 
@@ -112,6 +112,16 @@ def test_trainable_parts_and_options(fresh_codec):
     assert [round(o.lr_factor(s), 6) for s in (0, 1, 2, 10)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.1]
 
 
+def test_holdout_is_a_stable_fraction_of_song_ids():
+    from mucodec.library.prepare import is_holdout
+
+    ids = [f"{k:016x}" for k in range(2000)]
+    held = [i for i in ids if is_holdout(i, 0.1)]
+    assert 150 < len(held) < 250 and held == [i for i in ids if is_holdout(i, 0.1)]
+    assert set(held) <= {i for i in ids if is_holdout(i, 0.2)}  # a larger fraction keeps the songs held before
+    assert not any(is_holdout(i, 0.0) for i in ids) and all(is_holdout(i, 1.0) for i in ids)
+
+
 # ---- the loop -----------------------------------------------------------------------------------------
 def test_a_few_steps_lower_the_loss(fresh_codec, tiny_ckpt_dir, tmp_path):
     data = windows(fresh_codec, 2)
@@ -200,3 +210,48 @@ def test_export_is_an_official_layout_checkpoint(fresh_codec, tiny_ckpt_dir, tmp
     assert torch.equal(codes, original.sound2code(wav))
     out = tuned.code2sound(codes, num_steps=1, guidance_scale=1.0, seed=0)
     assert out.shape == (2, codes.shape[-1] * 1920) and bool(torch.isfinite(out).all())
+
+
+# ---- preparing a library, and the command line --------------------------------------------------------
+def write_music(folder, specs):
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, seconds in specs:
+        sf.write(folder / name, (0.3 * rng.standard_normal((int(seconds * 48000), 2))).astype("float32"), 48000)
+    return folder
+
+
+@pytest.mark.slow
+def test_prepare_then_fit_from_the_command_line(tmp_path, tiny_ckpt_dir):
+    pytest.importorskip("pyarrow")
+    from mucodec import library, train
+    from mucodec.library.prepare import is_holdout, load_windows, window_latents
+
+    music = write_music(tmp_path / "music", [("a.wav", 3.0), ("b.wav", 1.5)])
+    (music / "bad.wav").write_bytes(b"not audio")
+    data, run = tmp_path / "data", tmp_path / "run"
+    argv = ["prepare", music, "-o", data, "--ckpt", tiny_ckpt_dir, "--workers", 0, "-q"]
+    assert train.main([str(a) for a in argv]) == 1  # one file failed
+    assert [e["path"] for e in library.read_errors(data)] == ["bad.wav"]
+    assert train.main([str(a) for a in argv]) == 0  # resumed: nothing left to do, the bad file not retried
+
+    windows, held = load_windows(data, holdout=0.0)
+    assert held is None and len(windows) == 2 and windows.latents.dtype == torch.bfloat16
+    codec = MuCodec.from_pretrained(tiny_ckpt_dir)
+    wav = codec.read_audio(str(music / "a.wav"))
+    codes = codec.sound2code(wav)[0, 0]
+    row = [i for i in range(2) if int(windows.valid[i]) == -(-wav.shape[-1] // 3840)]
+    assert len(row) == 1  # valid frames: the song's own audio, 3 s = 37.5 latent frames -> 38
+    got_codes = windows.codes[row[0], 0]
+    assert torch.equal(got_codes[:codes.numel()], codes) and torch.equal(got_codes[codes.numel():2 * codes.numel()], codes)
+    (_, _, lat), = window_latents(codec, wav, codes.numel())
+    assert torch.equal(windows.latents[row[0]], lat.bfloat16())
+
+    argv = ["fit", data, "-o", run, "--ckpt", tiny_ckpt_dir, "--max-steps", 2, "--holdout", 0, "--max-prefix", 4, "-q"]
+    assert train.main([str(a) for a in argv]) == 0
+    assert (run / "config.json").exists() and (run / "model_card.json").exists()
+    assert MuCodec.from_pretrained(run).flow is not None
+    assert train.main([str(a) for a in argv[:-1]] + ["--lr", "1", "-q"]) == 2  # other settings: refused

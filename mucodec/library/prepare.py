@@ -28,6 +28,7 @@ import torch
 
 from .. import audio, decoding, files
 from ..errors import ArgumentError, StorageError
+from ..training import Windows
 from ..workers import default_workers
 from . import parquet
 from .encode import EncodeJob, EncodeSink, Library, SongEncoder, fingerprint as encode_fingerprint
@@ -208,8 +209,6 @@ def prepare_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtyp
 def load_windows(out, holdout: float = HOLDOUT, latent_dtype: torch.dtype | None = None):
     """(training windows, held-out windows or None) of a prepared folder, as :class:`trainer.Windows` in memory;
     a song is held out by :func:`is_holdout` of its id. Latents stay in their 16-bit dtype unless asked."""
-    from ..trainer import Windows
-
     shards = committed_files(Path(out) / "shards", ".parquet")
     if not shards:
         raise ArgumentError(f"{out} holds no prepared windows; prepare a music folder into it first.")
