@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import files, metrics, train_state
 from .errors import ArgumentError, NumericalError
-from .training import SEED_STRIDE, TRAINABLE, Objective, Windows, cfm_loss, draw, set_trainable
+from .training import SEED_STRIDE, TRAINABLE, Draws, Objective, Windows, cfm_loss, draw, set_trainable
 
 METRICS_CSV = "metrics.csv"
 COLUMNS = ("step", "loss", "lr", "grad_norm", "val_mel", "val_latent_l2")
@@ -79,6 +81,24 @@ class TrainOptions:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * cos
 
 
+class _Loss(nn.Module):
+    """The objective as a module, so that DistributedDataParallel can wrap it and average its gradients."""
+
+    def __init__(self, flow, objective: Objective):
+        super().__init__()
+        self.flow, self.objective = flow, objective
+
+    def forward(self, z_q, latents, valid, t, noise, prefix, dropped):
+        return cfm_loss(self.flow, z_q, latents, valid, Draws(t, noise, prefix, dropped), self.objective)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the process group torchrun set up, or (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class Trainer:
     """One run: ``codec`` (a float32 :class:`MuCodec` with its decoder) is trained in place on ``train``;
     ``val`` (or None) is decoded every ``validate_every`` steps. Resumes from ``run``/state/last.pt."""
@@ -99,6 +119,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, opts.lr_factor)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if opts.ema_decay else None
         self.generator = torch.Generator().manual_seed(opts.seed)
+        # one process per device: each computes its part of every batch, DDP averages the gradients, and
+        # rank 0 alone writes files and validates
+        self.rank, self.world = _distributed()
+        self.loss_fn = _Loss(self.flow, opts.objective)
+        if self.world > 1:
+            ids = [codec.device.index or 0] if codec.device.type == "cuda" else None
+            # the statistics buffers never change: nothing to broadcast at every step
+            self.loss_fn = nn.parallel.DistributedDataParallel(self.loss_fn, device_ids=ids, broadcast_buffers=False)
         self.step = self.position = 0
         self.best = math.inf
         self.last_val: dict = {}
@@ -135,18 +163,26 @@ class Trainer:
 
     # ---- one optimiser step ---------------------------------------------------------------------
     def micro_step(self) -> float:
-        codes, latents, valid = self.train.batch(self.position, self.opts.batch_size, self.opts.seed)
-        self.position += self.opts.batch_size
-        d = draw(self.opts.objective, tuple(latents.shape), self.generator)
+        size, dev = self.opts.batch_size, self.codec.device
+        codes, latents, valid = self.train.batch(self.position + self.rank * size, size, self.opts.seed)
+        self.position += size * self.world
+        # every process draws the whole batch's randomness and takes its part: any number of processes
+        # sees what one process with the whole batch would
+        d = draw(self.opts.objective, (size * self.world,) + tuple(latents.shape[1:]), self.generator)
+        part = slice(self.rank * size, (self.rank + 1) * size)
         with torch.no_grad():
-            z_q, _ = self.codec.quantizer.from_codes(codes.to(self.codec.device))
-        amp = (torch.autocast(self.codec.device.type, dtype=torch.bfloat16) if self.opts.bf16
-               else contextlib.nullcontext())
+            z_q, _ = self.codec.quantizer.from_codes(codes.to(dev))
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if self.opts.bf16 else contextlib.nullcontext()
         with amp:
-            loss = cfm_loss(self.flow, z_q, latents.to(self.codec.device), valid, d, self.opts.objective)
-        self.check_finite(loss, "loss")
+            loss = self.loss_fn(z_q, latents.to(dev), valid, d.t[part], d.noise[part].to(dev), d.prefix[part],
+                                d.dropped[part])
+        seen = loss.detach().clone()
+        if self.world > 1:  # every process must see a NaN of any, or the others would wait for it forever
+            dist.all_reduce(seen)
+            seen /= self.world
+        self.check_finite(seen, "loss")
         (loss / self.opts.grad_accum).backward()
-        return float(loss.detach())
+        return float(seen)
 
     def train_step(self) -> dict:
         loss = sum(self.micro_step() for _ in range(self.opts.grad_accum)) / self.opts.grad_accum
@@ -176,16 +212,21 @@ class Trainer:
 
     # ---- the run --------------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train to ``max_steps`` (from where the last state left off); returns the model card."""
-        opts = self.opts
-        self.run.mkdir(parents=True, exist_ok=True)
-        self.trim_metrics()
-        bar = tqdm(total=opts.max_steps, initial=self.step, desc="train", unit="step", disable=not sys.stderr.isatty())
+        """Train to ``max_steps`` (from where the last state left off); returns the model card (rank 0; the other
+        processes of a distributed run return an empty dict)."""
+        opts, lead = self.opts, self.rank == 0
+        if lead:
+            self.run.mkdir(parents=True, exist_ok=True)
+            self.trim_metrics()
+        bar = tqdm(total=opts.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not (lead and sys.stderr.isatty()))
         start = time.perf_counter()
         while self.step < opts.max_steps:
             row = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if not lead:
+                continue
             last = self.step == opts.max_steps
             if self.val is not None and (self.step % opts.validate_every == 0 or last):
                 row.update(self.validate())
@@ -196,7 +237,7 @@ class Trainer:
             if self.step % opts.checkpoint_every == 0 or last:
                 train_state.save(self.state_dir / train_state.LAST, self.state())
         bar.close()
-        return self.finish()
+        return self.finish() if lead else {}
 
     def validate(self) -> dict:
         """Decode every held-out window from fixed noise with the weights that would be exported; the mean
@@ -297,10 +338,27 @@ def fit_folder(data, run, *, ckpt=None, revision=None, device="cpu", opts: Train
     config = {"data": str(data), "ckpt": str(ckpt), "device": str(device), "holdout": holdout,
               "training_windows": len(train), "validation_windows": 0 if val is None else len(val),
               "options": dataclasses.asdict(opts)}
-    log(json.dumps(config, indent=2))
-    Path(run).mkdir(parents=True, exist_ok=True)
-    files.write_atomic(Path(run) / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    device = _join_torchrun(device)
+    if _distributed()[0] == 0:
+        log(json.dumps(config, indent=2))
+        Path(run).mkdir(parents=True, exist_ok=True)
+        files.write_atomic(Path(run) / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     fp_path = Path(data) / "fingerprint.json"
     fingerprint = {"sha256": files.sha256(fp_path), "windows": len(train) + (0 if val is None else len(val))}
     codec = MuCodec.from_pretrained(ckpt, device=device, revision=revision, decoder_only=True)
     return Trainer(codec, train, val, run, opts, base_files, fingerprint, log).fit()
+
+
+def _join_torchrun(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): join its process group (NCCL on GPUs, gloo on CPUs) and return this
+    process's device (cuda:LOCAL_RANK on GPUs); else ``device`` unchanged."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device

@@ -113,12 +113,14 @@ def dit_inputs(flow, z_q: torch.Tensor, latents: torch.Tensor, valid: torch.Tens
 
 def cfm_loss(flow, z_q: torch.Tensor, latents: torch.Tensor, valid: torch.Tensor, d: Draws,
              objective: Objective) -> torch.Tensor:
-    """Mean squared error of the DiT's velocity over every value of the generated frames of the batch
-    (the sum over those values divided by their count; 0 for a batch with none)."""
+    """Mean squared error of the DiT's velocity over the values of each item's generated frames, averaged over
+    the items (an item without generated frames counts 0). Every window weighs the same whatever its prefix,
+    so the mean over a batch split across processes is the mean of the processes' means (DDP's average)."""
     x, target, generated = dit_inputs(flow, z_q, latents, valid, d, objective)
     v = flow.estimator(x, d.t.to(x.device)).float()
     mask = generated.expand_as(target).to(target.dtype)
-    return ((v - target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+    per_item = ((v - target) ** 2 * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1)
+    return per_item.mean()
 
 
 @dataclass
