@@ -207,8 +207,9 @@ class Trainer:
         if not bool(torch.isfinite(x).all()):
             last = self.state_dir / train_state.LAST
             kept = f"its last good checkpoint {last} is intact" if last.exists() else "no checkpoint was written yet"
-            raise NumericalError(f"The training {what} became {float(x.detach().float().sum())} at step {self.step + 1}, so "
-                                 f"the run stopped and {kept}; lower the learning rate or check the data.")
+            value = float(x.detach().float().sum())
+            raise NumericalError(f"The training {what} became {value} at step {self.step + 1}, so the run stopped "
+                                 f"and {kept}; lower the learning rate or check the data.")
 
     # ---- the run --------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -233,7 +234,8 @@ class Trainer:
             if self.step % opts.log_every == 0 or last or "val_mel" in row:
                 self.write_metrics(row)
                 if bar.disable:
-                    self.log(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()) + f" ({time.perf_counter() - start:.1f} s)")
+                    took = time.perf_counter() - start
+                    self.log(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()) + f" ({took:.1f} s)")
             if self.step % opts.checkpoint_every == 0 or last:
                 train_state.save(self.state_dir / train_state.LAST, self.state())
         bar.close()
@@ -253,7 +255,8 @@ class Trainer:
                 p.copy_(self.exported_weights()[n])
             for i in range(len(self.val)):
                 codes, true, valid = self.val.codes[i:i + 1], self.val.latents[i:i + 1].float(), int(self.val.valid[i])
-                noise = torch.randn(true.shape, generator=torch.Generator().manual_seed(self.opts.seed * SEED_STRIDE + i))
+                seed = self.opts.seed * SEED_STRIDE + i
+                noise = torch.randn(true.shape, generator=torch.Generator().manual_seed(seed))
                 got = self.codec.decode_window(codes, true, 0, noise, opts)[:, :, :valid]
                 ref = true[:, :, :valid]
                 l2.append(float((got - ref).norm() / ref.norm().clamp(min=1e-12)))
