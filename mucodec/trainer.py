@@ -42,6 +42,7 @@ class TrainOptions:
     clip_norm: float = 1.0       # 0: no clipping
     ema_decay: float = 0.999     # 0: no EMA (the exported weights are then the trained ones)
     bf16: bool = False           # bf16 autocast; weights, gradients and optimiser state stay float32
+    checkpoint_blocks: bool = False  # activation checkpointing: recompute each DiT block in the backward pass
     cond_drop: float = 0.1
     max_prefix: int = 128
     checkpoint_every: int = 100
@@ -113,6 +114,7 @@ class Trainer:
         self.run, self.base_files, self.fingerprint = Path(run), base_files, fingerprint or {}
         self.flow = codec.flow
         self.names = set_trainable(codec, TRAINABLE)
+        self.flow.estimator.checkpoint_blocks = opts.checkpoint_blocks
         self.params = {n: p for n, p in self.flow.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=opts.lr, betas=tuple(opts.betas),
                                            weight_decay=opts.weight_decay)

@@ -124,6 +124,22 @@ def test_holdout_is_a_stable_fraction_of_song_ids():
     assert not any(is_holdout(i, 0.0) for i in ids) and all(is_holdout(i, 1.0) for i in ids)
 
 
+def test_activation_checkpointing_gives_the_same_gradients(fresh_codec):
+    flow = fresh_codec.flow
+    set_trainable(fresh_codec)
+    data = windows(fresh_codec, 2)
+    z_q, _ = fresh_codec.quantizer.from_codes(data.codes)
+    d = draw(Objective(max_prefix=3), tuple(data.latents.shape), torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        flow.estimator.checkpoint_blocks = recompute
+        flow.zero_grad(set_to_none=True)
+        cfm_loss(flow, z_q, data.latents.float(), data.valid, d, Objective()).backward()
+        grads.append({n: p.grad.clone() for n, p in flow.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 # ---- the loop -----------------------------------------------------------------------------------------
 def test_a_few_steps_lower_the_loss(fresh_codec, tiny_ckpt_dir, tmp_path):
     data = windows(fresh_codec, 2)

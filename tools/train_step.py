@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dit-blocks", type=int, default=24)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--checkpoint-blocks", action="store_true", help="activation checkpointing")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -42,6 +43,7 @@ def main() -> None:
         flow.normfeat.counts.fill_(1.0)
         flow.normfeat.sum_x2.fill_(1.0)
     flow.estimator.requires_grad_(True)
+    flow.estimator.checkpoint_blocks = args.checkpoint_blocks
     flow.cond_muencoder_emb.requires_grad_(True)
     flow.zero_cond_embedding1.requires_grad_(True)
     params = [p for p in flow.parameters() if p.requires_grad]
@@ -67,7 +69,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps({"dit_blocks": args.dit_blocks, "bf16": args.bf16, "device": args.device,
+    print(json.dumps({"dit_blocks": args.dit_blocks, "bf16": args.bf16, "checkpoint_blocks": args.checkpoint_blocks,
+                      "device": args.device,
                       "step_seconds": round(seconds, 2), "trained_parameters": sum(p.numel() for p in params),
                       "peak_mib": round(peak), "threads": torch.get_num_threads()}))
 
