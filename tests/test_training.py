@@ -322,3 +322,36 @@ def test_two_gloo_processes_equal_one_with_the_whole_batch(tiny_ckpt_dir, tmp_pa
             continue
         assert torch.allclose(a["weights"][n], b["weights"][n], rtol=0, atol=1e-6), n
     assert any(not torch.equal(b["weights"][n], start[n]) for n in b["weights"])  # the runs did train
+
+
+@pytest.mark.slow
+def test_prepare_resumes_after_an_interruption_and_shards_cover_every_song_once(tmp_path, tiny_ckpt_dir,
+                                                                             monkeypatch):
+    pytest.importorskip("pyarrow")
+    from mucodec import library
+    from mucodec.library import prepare
+
+    music = write_music(tmp_path / "music", [(f"s{k}.wav", 1.0 + k / 4) for k in range(4)])
+    common = dict(ckpt=tiny_ckpt_dir, workers=0, shard_songs=1, batch_size=1)  # a song per batch and commit
+    real_commit = prepare.TrainingSet.commit
+    commits = []
+
+    def crash_after_first(self, name, rows, errors, fp=None):
+        real_commit(self, name, rows, errors, fp)
+        commits.append(name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare.TrainingSet, "commit", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_library([music], tmp_path / "all", **common)
+    monkeypatch.setattr(prepare.TrainingSet, "commit", real_commit)
+    assert len(commits) == 1 and len(library.read_library(tmp_path / "all", columns=["song_id"])) == 1
+    rep = prepare.prepare_library([music], tmp_path / "all", **common)
+    assert rep["songs"]["done"] == 3 and rep["songs"]["skipped"] == 1
+    whole = library.read_library(tmp_path / "all", columns=["song_id", "window", "codes", "latents"])
+    assert sorted(whole.column("song_id").to_pylist()) == sorted(library.song_id(f"s{k}.wav") for k in range(4))
+
+    for i in (1, 2):  # --shard I/N counts from 1
+        prepare.prepare_library([music], tmp_path / "parts", shard=(i, 2), **common)
+    parts = library.read_library(tmp_path / "parts", columns=["song_id", "window", "codes", "latents"])
+    assert parts.sort_by("song_id").equals(whole.sort_by("song_id"))  # every song once, the same bytes
