@@ -48,13 +48,14 @@ class TrainOptions:
     checkpoint_every: int = 100
     validate_every: int = 100
     val_steps: int = 10          # Euler steps of the validation decode
+    val_windows: int = 16        # held-out windows decoded per validation (the first ones, always the same)
     val_guidance: float = 1.5
     log_every: int = 10
     seed: int = 0
 
     def __post_init__(self):
         counts = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "validate_every", "val_steps",
-                  "log_every")
+                  "val_windows", "log_every")
         for name in counts:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -255,7 +256,7 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(self.exported_weights()[n])
-            for i in range(len(self.val)):
+            for i in range(min(len(self.val), self.opts.val_windows)):
                 codes, true, valid = self.val.codes[i:i + 1], self.val.latents[i:i + 1].float(), int(self.val.valid[i])
                 seed = self.opts.seed * SEED_STRIDE + i
                 noise = torch.randn(true.shape, generator=torch.Generator().manual_seed(seed))
