@@ -355,3 +355,54 @@ def test_prepare_resumes_after_an_interruption_and_shards_cover_every_song_once(
         prepare.prepare_library([music], tmp_path / "parts", shard=(i, 2), **common)
     parts = library.read_library(tmp_path / "parts", columns=["song_id", "window", "codes", "latents"])
     assert parts.sort_by("song_id").equals(whole.sort_by("song_id"))  # every song once, the same bytes
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from mucodec.checkpoint import resolve_files
+from mucodec.codec import MuCodec
+from mucodec.trainer import Trainer
+from test_training import options, windows
+codec = MuCodec.from_pretrained({ckpt!r})
+Trainer(codec, windows(codec, 3), None, {run!r}, options(max_steps=40, checkpoint_every=2),
+        resolve_files({ckpt!r}), log=lambda m: None).fit()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_the_same_weights(tiny_ckpt_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from mucodec import train_state
+
+    files = resolve_files(tiny_ckpt_dir)
+    run = tmp_path / "killed"
+    code = CHILD.format(tests=str(Path(__file__).parent), ckpt=str(tiny_ckpt_dir), run=str(run))
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    last = run / "state" / train_state.LAST
+    deadline = time.monotonic() + 120
+    while not last.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere in the next steps, or in the middle of writing a checkpoint
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    stopped = train_state.load(last)["step"]
+    assert 2 <= stopped < 40
+    codec = MuCodec.from_pretrained(tiny_ckpt_dir)
+    Trainer(codec, windows(codec, 3), None, run, options(max_steps=40, checkpoint_every=2), files,
+            log=lambda m: None).fit()
+    codec = MuCodec.from_pretrained(tiny_ckpt_dir)
+    Trainer(codec, windows(codec, 3), None, tmp_path / "whole", options(max_steps=40, checkpoint_every=2), files,
+            log=lambda m: None).fit()
+    a, b = (train_state.load(r / "state" / train_state.LAST) for r in (run, tmp_path / "whole"))
+    for key in ("weights", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
+    assert torch.equal(a["generator"], b["generator"]) and a["position"] == b["position"]
