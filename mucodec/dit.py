@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -175,7 +176,8 @@ class SelfAttention(nn.Module):
             return y.view(b, n, self.num_heads, -1).transpose(1, 2)
 
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
-        if self.cpu_block and q.device.type == "cpu" and (
+        # the chunked kernel writes into a preallocated output, which autograd cannot follow (training)
+        if self.cpu_block and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad) and (
                 q.dtype == torch.bfloat16 or q.dtype == torch.float32 and onednn_float32()):
             o = chunked_attention(q, k, v, max(1, self.cpu_block // (n * q.element_size())))
         else:
@@ -289,6 +291,7 @@ class DiT(nn.Module):
         self.proj_out = Linear(d, cfg.patch_size ** 2 * cfg.out_channels)
         self.adaln_single = AdaLNSingle(cfg)
         self.requires_grad_(False)  # inference only: never build an autograd graph
+        self.checkpoint_blocks = False  # fine-tuning's activation checkpointing (trainer.TrainOptions)
 
     def store_linears_in(self, dtype: torch.dtype) -> "DiT":
         """Keep the weight and bias of every Linear (nearly all the parameters) rounded to ``dtype``.
@@ -331,6 +334,10 @@ class DiT(nn.Module):
         h = self.embed_patches(x)
         adaln, embedded_t = self.embed_timestep(t, h.dtype)
         for block in self.transformer_blocks:
-            h = block(h, adaln)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                # training: keep each block's input only and recompute its activations in the backward pass
+                h = torch.utils.checkpoint.checkpoint(block, h, adaln, use_reentrant=False)
+            else:
+                h = block(h, adaln)
         p = self.cfg.patch_size
         return self.project_out(h, embedded_t, x.shape[2] // p, x.shape[3] // p)

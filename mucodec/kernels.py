@@ -58,6 +58,9 @@ def _onednn_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """(x, weight, bias) as oneDNN should multiply them, or None where the product is ``F.linear``'s."""
     if _ONEDNN_LINEAR is None or x.device.type != "cpu":
         return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None  # oneDNN's pointwise product has no backward: training would get silently wrong gradients
     if torch.is_autocast_enabled("cpu"):
         if torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _ONEDNN_BFLOAT16:
             return None

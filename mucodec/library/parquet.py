@@ -46,23 +46,28 @@ def _schema(fp: dict | None):
 def write_shard(path: Path, rows: list[dict], fp: dict | None = None, before_commit=None) -> None:
     """Write ``rows`` (dicts holding at least the schema's columns) as one parquet file, by atomic rename once
     its footer reads back with every row (``before_commit``: see :func:`files.open_atomic`)."""
-    pa, pq = _pa(), _pq()
+    pa = _pa()
     schema = _schema(fp)
     lengths = np.array([len(r["codes"]) for r in rows], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     flat = np.concatenate([np.asarray(r["codes"], dtype=np.uint16) for r in rows]) if rows else np.zeros(0, np.uint16)
     columns = [pa.array([r[name] for r in rows], type=schema.field(name).type) for name in schema.names[:-1]]
     columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.uint16())))
-    table = pa.Table.from_arrays(columns, schema=schema)
+    write_table(path, pa.Table.from_arrays(columns, schema=schema), before_commit)
+
+
+def write_table(path: Path, table, before_commit=None) -> None:
+    """Write a pyarrow table as one parquet file, by atomic rename once its footer reads back with every row."""
+    pq = _pq()
 
     def check(tmp: Path) -> None:
         try:
             n = pq.read_metadata(tmp).num_rows
         except Exception as e:
             n = f"no readable footer ({e})"
-        if n != len(rows):
-            raise OutputError(f"Cannot write {path}: the shard written holds {n} rows, not {len(rows)}; check the "
-                              f"disk holding {path.parent} and run the same command again.")
+        if n != table.num_rows:
+            raise OutputError(f"Cannot write {path}: the shard written holds {n} rows, not {table.num_rows}; check "
+                              f"the disk holding {path.parent} and run the same command again.")
 
     with files.open_atomic(path, check=check, before_commit=before_commit) as f:
         pq.write_table(table, f)

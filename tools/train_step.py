@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Time and peak memory of one fine-tuning step of the full-width decoder, at batch 1 on a full window.
+
+    python3 tools/train_step.py --dit-blocks 2 [--bf16] [--device cpu]
+
+Builds the released sizes of the flow decoder with random weights (no checkpoint is needed: a step's cost
+does not depend on the values), keeps the DiT's first ``--dit-blocks`` blocks, and runs two optimiser steps
+(AdamW, the objective of ``mucodec.training``) on random codes' embeddings and latents. Prints one JSON
+line: the second step's seconds, the parameters trained, and the process's peak RSS (CPU) or the device's
+peak allocation (CUDA). A step's time and memory grow linearly with the blocks, so two runs (e.g. 1 and 2
+blocks) give the cost of one block, and the full model's is ``base + 24 x block``. One measurement per process.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mucodec.flow import FlowDecoder, FlowDecoderConfig  # noqa: E402
+from mucodec.training import Objective, cfm_loss, draw  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dit-blocks", type=int, default=24)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--checkpoint-blocks", action="store_true", help="activation checkpointing")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = FlowDecoderConfig()
+    cfg.dit.num_layers = args.dit_blocks
+    flow = FlowDecoder(cfg).to(args.device)
+    with torch.no_grad():
+        flow.normfeat.counts.fill_(1.0)
+        flow.normfeat.sum_x2.fill_(1.0)
+    flow.estimator.requires_grad_(True)
+    flow.estimator.checkpoint_blocks = args.checkpoint_blocks
+    flow.cond_muencoder_emb.requires_grad_(True)
+    flow.zero_cond_embedding1.requires_grad_(True)
+    params = [p for p in flow.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    frames = 512
+    z_q = torch.randn(1, cfg.cond_dim, 2 * frames, device=args.device)
+    latents = torch.randn(1, cfg.latent_channels, frames, cfg.freq_bins, device=args.device)
+    valid = torch.tensor([frames])
+    gen = torch.Generator().manual_seed(0)
+    amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    seconds = None
+    for _ in range(2):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with amp:
+            loss = cfm_loss(flow, z_q, latents, valid, draw(Objective(), tuple(latents.shape), gen), Objective())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"dit_blocks": args.dit_blocks, "bf16": args.bf16, "checkpoint_blocks": args.checkpoint_blocks,
+                      "device": args.device,
+                      "step_seconds": round(seconds, 2), "trained_parameters": sum(p.numel() for p in params),
+                      "peak_mib": round(peak), "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
