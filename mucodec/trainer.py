@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import files, metrics, train_state
 from .errors import ArgumentError, NumericalError
-from .settings import DecodingOptions
+from .settings import GUIDANCE_SCALE, DecodingOptions
 from .training import SEED_STRIDE, TRAINABLE, Draws, Objective, Windows, cfm_loss, draw, set_trainable
 
 METRICS_CSV = "metrics.csv"
@@ -50,7 +50,7 @@ class TrainOptions:
     validate_every: int = 100
     val_steps: int = 10          # Euler steps of the validation decode
     val_windows: int = 16        # held-out windows decoded per validation (the first ones, always the same)
-    val_guidance: float = 1.5
+    val_guidance: float = GUIDANCE_SCALE
     log_every: int = 10
     seed: int = 0
 
