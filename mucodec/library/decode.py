@@ -37,7 +37,8 @@ import torch
 from .. import audio, decoding, files, tokens
 from ..errors import ArgumentError, MuCodecError, OutputError, StorageError
 from ..settings import DecodingOptions, JobOptions, output_fields
-from .engine import COMMIT_SECONDS, ModelJob, Sink, Stats, empty_report, joined, plan_run, report, run_on
+from .engine import COMMIT_SECONDS, ModelJob, Sink, Stats, empty_report, plan_run, report
+from .engines import joined, run_on
 from .songs import in_shard
 from .store import MACHINES, Store, machine
 from .token_inputs import TokenSong, read_tokens, scan_tokens

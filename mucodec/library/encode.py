@@ -27,7 +27,8 @@ from ..errors import MuCodecError, OutputError, StorageError
 from ..settings import EncodingOptions, JobOptions, output_fields
 from ..workers import default_workers
 from . import parquet
-from .engine import COMMIT_SECONDS, ModelJob, Sink, Stats, empty_report, joined, plan_run, report, run_on
+from .engine import COMMIT_SECONDS, ModelJob, Sink, Stats, empty_report, plan_run, report
+from .engines import joined, run_on
 from .songs import Song, in_shard, scan
 from .store import MACHINES, Store, committed_files as store_files, dumps, error_row, machine
 

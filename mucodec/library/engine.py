@@ -207,28 +207,6 @@ def run_local(job, store: Store, todo: list, *, workers: int = 1, progress: bool
     return stats
 
 
-def run_on(engine: str, job, store: Store, todo: list, *, workers: int, progress: bool, extra_errors=(),
-           log=None) -> tuple[Stats, int]:
-    """(stats, devices used) of running ``todo`` through ``job`` on ``engine``: local or ray (Ray Data)."""
-    if engine == "ray":
-        from . import ray_engine
-
-        return ray_engine.run(job, store, todo, workers=workers, progress=progress, extra_errors=extra_errors)
-    return run_local(job, store, todo, workers=workers, progress=progress, extra_errors=extra_errors, log=log), 1
-
-
-def joined(job, progress: bool):
-    """``job`` (JobOptions) with the device its engine runs the model on: with ray, the cluster is joined (or
-    a local instance started) here, and its device kind is the model's."""
-    if job.engine != "ray":
-        return job
-    import dataclasses
-
-    from . import ray_engine
-
-    return dataclasses.replace(job, device=ray_engine.connect(job.address, progress))
-
-
 def empty_report(store: Store, task: str, engine: str, device: str, workers: int, start: float, fields: dict,
                  failed: int = 0) -> dict:
     """The report of a job with no songs, which writes nothing (not even its report)."""
