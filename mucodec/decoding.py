@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import audio, tokens
+from . import audio, samplers, tokens
 from .checks import MAX_STEPS, check_count, check_generator, check_guidance
 from .errors import ArgumentError, AudioError, CheckpointError
 
@@ -41,6 +41,8 @@ class DecodeOptions:
     guidance_scale: float
     generator: torch.Generator | None
     fast_vocoder: bool
+    sampler: str = samplers.DEFAULT_SAMPLER
+    guidance_interval: tuple[float, float] | None = None  # None: guidance at every evaluation
 
 
 @dataclass(frozen=True)
@@ -159,11 +161,13 @@ def decode_windows(codec, n: int) -> list[int]:
 
 
 def decode_options(codec, *, num_steps: int | None = None, guidance_scale: float | None = None,
-                   fast_vocoder: bool = True) -> DecodeOptions:
+                   fast_vocoder: bool = True, sampler: str = samplers.DEFAULT_SAMPLER,
+                   guidance_interval: tuple[float, float] | None = None) -> DecodeOptions:
     """Checked settings shared by every song of a :func:`decode_step` batch."""
     return DecodeOptions(num_steps=check_count("num_steps", num_steps, codec.config.code2sound_steps, MAX_STEPS),
                          guidance_scale=check_guidance(guidance_scale, codec.config.guidance_scale),
-                         generator=None, fast_vocoder=bool(fast_vocoder))
+                         generator=None, fast_vocoder=bool(fast_vocoder), sampler=samplers.check_sampler(sampler),
+                         guidance_interval=samplers.check_guidance_interval(guidance_interval))
 
 
 def start_decode(codec, codes, *, num_samples: int | None = None, seed: int | None = None,
@@ -200,7 +204,9 @@ def decode_step(codec, songs: list[SongDecode], opts: DecodeOptions, callback=No
 @torch.inference_mode()
 def code2sound(codec, codes, *, num_steps: int | None = None, guidance_scale: float | None = None,
                prompt=None, prompt_sample_rate: int | None = None, seed: int | None = None,
-               generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True) -> torch.Tensor:
+               generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True,
+               sampler: str = samplers.DEFAULT_SAMPLER,
+               guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Codes -> audio (2, T * 1920) float32 at 48 kHz on the CPU, as the official ``code2sound``.
 
     ``codes``: LongTensor (1, 1, T), (1, T) or (T,) of integers in [0, 16384), or the path of a
@@ -214,18 +220,22 @@ def code2sound(codec, codes, *, num_steps: int | None = None, guidance_scale: fl
     for bit-exact comparison with the official code. ``fast_vocoder`` (default) computes each mel
     frame once (plus the chunk edges) instead of running the official overlapping vocoder chunks:
     ~2.5x less vocoder work, equal to the official chunks up to float rounding (~1e-6);
-    ``fast_vocoder=False`` runs the official schedule.
+    ``fast_vocoder=False`` runs the official schedule. ``sampler``: the ODE solver, ``euler`` (default,
+    the official one), ``heun`` (2 DiT evaluations per step) or ``ab2`` (:mod:`samplers`).
+    ``guidance_interval`` (a, b) in [0, 1]: guidance only at flow times t in [a, b]; elsewhere the
+    DiT runs the conditional half alone (half the batch). Default: guidance at every evaluation.
     """
     return torch.cat(list(codec.iter_decode(
         codes, num_steps=num_steps, guidance_scale=guidance_scale, prompt=prompt,
         prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator, noise=noise,
-        fast_vocoder=fast_vocoder)), -1)
+        fast_vocoder=fast_vocoder, sampler=sampler, guidance_interval=guidance_interval)), -1)
 
 
 def iter_decode(codec, codes, *, num_samples: int | None = None, num_steps: int | None = None,
                 guidance_scale: float | None = None, prompt=None, prompt_sample_rate: int | None = None,
                 seed: int | None = None, generator: torch.Generator | None = None, noise=None,
-                fast_vocoder: bool = True):
+                fast_vocoder: bool = True, sampler: str = samplers.DEFAULT_SAMPLER,
+                guidance_interval: tuple[float, float] | None = None):
     """:func:`code2sound` as a stream: yields (2, n) float32 CPU pieces of the output in order, one per
     decoder window, so a long song never has to be held whole (``compress.decode_file`` writes them as
     they come). ``num_samples`` cuts the output shorter (a token file's own length is applied anyway).
@@ -233,7 +243,8 @@ def iter_decode(codec, codes, *, num_samples: int | None = None, num_steps: int 
     """
     require_decoder(codec)
     codes, limit = read_codes(codec, codes, num_samples)
-    opts = decode_options(codec, num_steps=num_steps, guidance_scale=guidance_scale, fast_vocoder=fast_vocoder)
+    opts = decode_options(codec, num_steps=num_steps, guidance_scale=guidance_scale, fast_vocoder=fast_vocoder,
+                          sampler=sampler, guidance_interval=guidance_interval)
     opts = dataclasses.replace(opts, generator=check_generator(seed, generator))
     if prompt is not None:
         codec.require_encoder()
@@ -263,7 +274,9 @@ def decode_checked(codec, codes: torch.Tensor, limit: int, opts: DecodeOptions, 
 def sound2sound(codec, audio_in, *, sample_rate: int | None = None, batch_size: int | None = None,
                 num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
                 prompt_sample_rate: int | None = None, seed: int | None = None,
-                generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True) -> torch.Tensor:
+                generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True,
+                sampler: str = samplers.DEFAULT_SAMPLER,
+                guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """The official round trip ``code2sound(sound2code(audio))`` with 50 steps by default, cut to the
     input's length: (2, N) float32 at 48 kHz. Arguments as in ``sound2code`` and :func:`code2sound`."""
     wav = codec.read_audio(audio_in, sample_rate)
@@ -272,7 +285,7 @@ def sound2sound(codec, audio_in, *, sample_rate: int | None = None, batch_size: 
     return torch.cat(list(codec.iter_decode(
         codes, num_samples=wav.shape[-1], num_steps=steps, guidance_scale=guidance_scale, prompt=prompt,
         prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator, noise=noise,
-        fast_vocoder=fast_vocoder)), -1)
+        fast_vocoder=fast_vocoder, sampler=sampler, guidance_interval=guidance_interval)), -1)
 
 
 # ---- inputs of a decode: codes, noise, prompt ----------------------------------------------------
