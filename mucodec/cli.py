@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, compress, decoding, library, listing, tokens
+from . import checkpoint, compress, decoding, library, listing, samplers, tokens
 from .audio import audio_extensions, check_input_file
 from .checkpoint import default_checkpoint
 from .codec import DTYPES, CodecConfig, MuCodec
@@ -81,6 +81,7 @@ def _run_library(args, out_dir: Path, say, progress: bool, mode: str) -> int:
         else:
             result = library.decode_library(
                 args.inputs, out_dir, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                sampler=args.sampler, guidance_interval=args.guidance_interval,
                 fast_vocoder=not args.official_vocoder, decode_batch=args.decode_batch, offload=args.offload,
                 audioldm_dtype=DTYPES[args.audioldm_dtype],
                 audio_format="flac" if args.audio_format == "auto" else args.audio_format, **common)
@@ -189,7 +190,8 @@ def run_job(codec: MuCodec, job: Job, args, prompt) -> None:
     if job.kind == "encode":
         compress.encode_file(codec, job.src, job.dst, batch_size=args.batch_size)
         return
-    options = dict(guidance_scale=args.guidance, prompt=prompt, seed=args.seed, fast_vocoder=not args.official_vocoder)
+    options = dict(guidance_scale=args.guidance, prompt=prompt, seed=args.seed, fast_vocoder=not args.official_vocoder,
+                   sampler=args.sampler, guidance_interval=args.guidance_interval)
     if job.kind == "decode":
         compress.decode_file(codec, job.src, job.dst, num_steps=args.steps, **options)
     elif args.evaluate:  # through a token file, whose payload is the bitrate; the audio is the same
@@ -353,6 +355,9 @@ def run_settings(args) -> dict:
             "audioldm_dtype": args.audioldm_dtype, "device": args.device,
             "vocoder": "official" if args.official_vocoder else "shared-overlaps", "batch_size": args.batch_size,
             "prompt": args.prompt or "none",
+            # the solver's settings only where they are not the official ones, as the decode fingerprint records them
+            **({} if args.sampler == samplers.DEFAULT_SAMPLER else {"sampler": args.sampler}),
+            **({} if args.guidance_interval is None else {"guidance_interval": list(args.guidance_interval)}),
             "checkpoint (sha256)": {role: sha256(f)[:16] for role, f in sorted(files.items())}}
 
 

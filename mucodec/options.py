@@ -9,7 +9,7 @@ import argparse
 import math
 from pathlib import Path
 
-from . import checks, library, tokens
+from . import checks, library, samplers, tokens
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
 from .codec import DTYPES, CodecConfig, dtype_name, pick_device
 from .errors import ArgumentError
@@ -56,6 +56,13 @@ def _add_decoder_options(p: argparse.ArgumentParser, ext: str) -> None:
                         "code2sound)")
     p.add_argument("--guidance", type=float, default=_DEFAULTS.guidance_scale, metavar="G",
                    help=f"classifier-free guidance scale, at least 1 (default: {_DEFAULTS.guidance_scale})")
+    p.add_argument("--sampler", choices=samplers.SAMPLERS, default=samplers.DEFAULT_SAMPLER,
+                   help="ODE solver of the flow decoder: euler (the official one, 1 DiT pass per step), heun "
+                        "(2 per step, second order) or ab2 (1 per step, second order, reuses the previous "
+                        f"step's velocity); docs/sampling.md (default: {samplers.DEFAULT_SAMPLER})")
+    p.add_argument("--guidance-interval", metavar="A,B", default=None,
+                   help="guidance only at flow times t in [A, B] (0 <= A <= B <= 1); elsewhere the DiT runs "
+                        "without the unconditional half, at half the batch (default: guidance at every step)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed for the decoder's noise, applied to each file (default: random)")
     p.add_argument("--device", default="auto",
@@ -148,6 +155,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--batch-size must lie in [1, {checks.MAX_BATCH}]")
     if not (math.isfinite(args.guidance) and args.guidance >= 1):
         parser.error("--guidance must be a finite number of at least 1 (1 turns guidance off)")
+    if args.guidance_interval is not None:
+        try:
+            args.guidance_interval = samplers.check_guidance_interval(args.guidance_interval.split(","))
+        except ArgumentError:
+            parser.error("--guidance-interval must be A,B with 0 <= A <= B <= 1, e.g. 0.2,0.8")
     if args.seed is not None and not 0 <= args.seed < 2 ** 64:
         parser.error("--seed must lie in [0, 2**64)")
     if args.encode and args.prompt:
@@ -171,6 +183,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     decode_flags = [name for name, on in (("--decode-batch", args.decode_batch is not None),
                                           ("--audio-format", args.audio_format != "auto"),
                                           ("--offload", args.offload),
+                                          ("--sampler", args.sampler != samplers.DEFAULT_SAMPLER),
+                                          ("--guidance-interval", args.guidance_interval is not None),
                                           ("--audioldm-dtype", args.audioldm_dtype != "float32")) if on]
     if decode_flags and args.encode:
         parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")

@@ -59,6 +59,11 @@ def check_guidance_interval(value) -> Optional[tuple]:
     return a, b
 
 
+def checked(sampler, guidance_interval) -> dict:
+    """Both settings checked, as keyword arguments (``sampler=``, ``guidance_interval=``)."""
+    return {"sampler": check_sampler(sampler), "guidance_interval": check_guidance_interval(guidance_interval)}
+
+
 def guided_at(t: torch.Tensor, interval: Optional[tuple]) -> bool:
     """Whether guidance applies at time ``t``: everywhere without an interval, else inside [a, b]."""
     if interval is None:

@@ -9,16 +9,16 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
+import helpers
 from mucodec import decoding, samplers
 from mucodec.codec import MuCodec
-from mucodec.errors import ArgumentError
+from mucodec.errors import ArgumentError, OutputError
 
 
 @pytest.fixture(autouse=True)
@@ -66,21 +66,6 @@ def test_time_grid_is_the_official_accumulation():
 FRAMES, PREFIX = 32, 8
 
 
-def smooth_in_time(flow):
-    """A copy of ``flow`` whose DiT reads only the slow sinusoids of its time embedding (angular frequency
-    at most 8 per unit of t).
-
-    Random weights read every sinusoid alike, sin(1000 t) included, so their velocity swings on a 0.006
-    time scale that no step count below about a thousand resolves, and no solver's order shows. A trained
-    flow is smooth in t (that is why 20 Euler steps work); this copy stands in for one."""
-    flow = copy.deepcopy(flow)
-    emb = flow.estimator.adaln_single.emb
-    half = emb.cfg.flow_t_size // 2
-    omega = torch.exp(-math.log(emb.cfg.max_period) * torch.arange(half) / half) * emb.cfg.timestep_scale
-    emb.timestep_embedder.linear_1.weight[:, torch.cat([omega, omega]) > 8.0] = 0
-    return flow
-
-
 def window(codec, items: int = 1, seed: int = 0):
     """Inputs of one FRAMES-frame window with a PREFIX-frame in-context prefix: (z_q, true_latents, noise)."""
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +83,7 @@ def solve_window(flow, inputs, steps, sampler="euler", guidance=1.5, interval=No
 
 
 def test_second_order_solvers_beat_euler_at_equal_evaluations(tiny_codec):
-    flow, inputs = smooth_in_time(tiny_codec.flow), window(tiny_codec)
+    flow, inputs = helpers.smooth_in_time(tiny_codec.flow), window(tiny_codec)
     reference = solve_window(flow, inputs, 32, "heun")
 
     def error(sampler, evaluations):
@@ -214,3 +199,59 @@ def test_bad_sampler_arguments(tiny_codec, kw, words):
         decoding.decode_options(tiny_codec, **kw)
     with pytest.raises(ArgumentError, match=words):
         tiny_codec.code2sound(torch.zeros(10, dtype=torch.long), **kw)
+
+
+# ---- the decode job and the command line --------------------------------------------------------------
+
+def test_the_decode_job_runs_and_records_non_default_sampling(tmp_path, monkeypatch, tiny_codec, tiny_ckpt_dir):
+    from test_decode_library import decode, npy_songs
+
+    monkeypatch.setattr(MuCodec, "latents_to_wave", cheap_wave)
+    songs = npy_songs(tmp_path / "in", 2)
+    plain = decode([songs], tmp_path / "a", tiny_ckpt_dir, seed=3, codec=tiny_codec).report["fingerprint"]
+    # the defaults are not written: folders decoded before these options existed still resume
+    assert "sampler" not in plain and "guidance_interval" not in plain
+    rows = []
+    hook = tiny_codec.flow.estimator.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        fp = decode([songs], tmp_path / "b", tiny_ckpt_dir, seed=3, steps=2, sampler="ab2",
+                    guidance_interval=(0.2, 0.8), codec=tiny_codec).report["fingerprint"]
+    finally:
+        hook.remove()
+    assert rows == [2, 4]  # both songs in one batch: t = 0 unguided, t = 0.5 guided
+    assert fp["sampler"] == "ab2" and fp["guidance_interval"] == [0.2, 0.8]
+    assert {k: v for k, v in fp.items() if k not in ("sampler", "guidance_interval", "steps")} == \
+        {k: v for k, v in plain.items() if k != "steps"}
+    with pytest.raises(OutputError, match="made differently"):
+        decode([songs], tmp_path / "b", tiny_ckpt_dir, seed=3, steps=2, codec=tiny_codec)  # euler now
+    with pytest.raises(ArgumentError, match="sampler must be one of"):
+        decode([songs], tmp_path / "c", tiny_ckpt_dir, sampler="rk45")
+
+
+def parse(argv):
+    from mucodec.options import build_parser, check_args
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def test_command_line_options():
+    args = parse(["x.mct", "--sampler", "heun", "--guidance-interval", "0.2,0.8"])
+    assert (args.sampler, args.guidance_interval) == ("heun", (0.2, 0.8))
+    args = parse(["x.mct"])
+    assert (args.sampler, args.guidance_interval) == ("euler", None)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--guidance-interval", "0.8,0.2"], "--guidance-interval must be A,B with 0 <= A <= B <= 1"),
+    (["--guidance-interval", "0.5"], "--guidance-interval must be A,B"),
+    (["--guidance-interval", "0,2"], "--guidance-interval must be A,B"),
+    (["--sampler", "rk4"], "invalid choice: 'rk4'"),
+    (["--encode", "--sampler", "heun"], "--sampler is an option of decoding"),
+])
+def test_bad_command_lines_exit_2(capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        parse(["x.wav", *argv])
+    assert e.value.code == 2 and words in capsys.readouterr().err

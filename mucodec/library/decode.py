@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import audio, decoding, files, tokens
+from .. import audio, decoding, files, samplers, tokens
 from ..checks import MAX_BATCH, MAX_STEPS, check_count, check_guidance
 from ..codec import CodecConfig, dtype_name
 from ..errors import ArgumentError, MuCodecError, OutputError, StorageError
@@ -265,11 +265,16 @@ class AudioLibrary(Store):
 
 
 def fingerprint(ckpt_files: dict, *, steps: int, guidance: float, seed: int, dtype, device, fast_vocoder: bool,
-                audio_format: str, audioldm_dtype=torch.float32) -> dict:
+                audio_format: str, audioldm_dtype=torch.float32, sampler: str = samplers.DEFAULT_SAMPLER,
+                guidance_interval=None) -> dict:
     """What decides the audio: the decoder's checkpoint files (by content), this code, and the settings.
-    The VAE and vocoder's precision is written only where it is reduced, so folders decoded before it was
-    an option still resume."""
+    The VAE and vocoder's precision, the sampler and the guidance interval are written only where they are
+    not the defaults, so folders decoded before they were options still resume."""
     reduced = {} if audioldm_dtype == torch.float32 else {"audioldm_dtype": dtype_name(audioldm_dtype)}
+    if sampler != samplers.DEFAULT_SAMPLER:
+        reduced["sampler"] = sampler
+    if guidance_interval is not None:
+        reduced["guidance_interval"] = [float(v) for v in guidance_interval]
     return {
         "task": "decode",
         "code_version": DECODE_VERSION,
@@ -301,6 +306,8 @@ class DecodeJob(ModelJob):
     log: object = None  # a line every minute or so while songs decode (this process only)
     commit_seconds: float = COMMIT_SECONDS
     codec: object = None  # the decoder; None: loaded by the first batcher() (a Ray actor loads its own)
+    sampler: str = samplers.DEFAULT_SAMPLER
+    guidance_interval: tuple | None = None
 
     task = "decode"
     read = staticmethod(read_tokens)
@@ -308,7 +315,8 @@ class DecodeJob(ModelJob):
     def batcher(self) -> SongDecoder:
         self.model(decoder_only=True, offload=self.offload, audioldm_dtype=self.audioldm_dtype)
         opts = decoding.decode_options(self.codec, num_steps=self.steps, guidance_scale=self.guidance,
-                                       fast_vocoder=self.fast_vocoder)
+                                       fast_vocoder=self.fast_vocoder, sampler=self.sampler,
+                                       guidance_interval=self.guidance_interval)
         lib = AudioLibrary(self.out, self.audio_format, self.shard)
         return SongDecoder(self.codec, opts, self.batch_size, self.seed, lib.audio_path,
                            AudioWriter(self.codec.sample_rate, self.audio_format, record=lib.record), self.log)
@@ -354,13 +362,13 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
                    guidance=None, seed=None, fast_vocoder=True, audio_format="flac", decode_batch=DEFAULT_BATCH,
                    shard=None, engine="local", address=None, workers=None, retry_errors=False, overwrite=False,
                    offload=False, audioldm_dtype=torch.float32, codec=None, progress=False, verify=False,
-                   say=lambda msg: None) -> Result:
+                   sampler=samplers.DEFAULT_SAMPLER, guidance_interval=None, say=lambda msg: None) -> Result:
     """Decode the songs under ``inputs`` into one audio file each under ``out`` (see the module docstring).
 
     A job with no songs writes nothing; a finished job run again loads no model; output made with other
     weights or settings is refused (OutputError) unless ``overwrite``; per-song failures become error rows.
     ``codec``: a MuCodec already loaded from ``ckpt`` (local engine), instead of loading one.
-    ``audioldm_dtype``: precision of the VAE and vocoder (default float32; see ``MuCodec.from_pretrained``).
+    ``audioldm_dtype`` (VAE and vocoder), ``sampler``, ``guidance_interval``: as ``from_pretrained``, ``code2sound``.
     ``verify``: check the checksum of every committed song's audio, not only its size, before skipping it.
     A full, read-only or failing disk raises :class:`StorageError` at once, naming the folder and the space the
     rest of the job needs; nothing damaged is committed, and the same call resumes once it is fixed.
@@ -371,7 +379,7 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     start = time.perf_counter()
     cfg = CodecConfig()
     steps = check_count("steps", steps, cfg.code2sound_steps, MAX_STEPS)
-    guidance = check_guidance(guidance, cfg.guidance_scale)
+    guidance, sampling = check_guidance(guidance, cfg.guidance_scale), samplers.checked(sampler, guidance_interval)
     batch = check_count("decode_batch", decode_batch, DEFAULT_BATCH, MAX_BATCH)
     workers = 1 if workers is None else int(workers)
     if engine not in ("local", "ray"):
@@ -391,7 +399,7 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
     if seed is None:
         seed = _resumed_seed(lib, overwrite)
     fp = fingerprint(ckpt_files, steps=steps, guidance=guidance, seed=seed, dtype=dtype, device=device,
-                     fast_vocoder=fast_vocoder, audio_format=audio_format, audioldm_dtype=audioldm_dtype)
+                     fast_vocoder=fast_vocoder, audio_format=audio_format, audioldm_dtype=audioldm_dtype, **sampling)
     fp[MACHINES] = [machine(device, engine)]
     try:  # a full disk, wherever it stops the job, is said of the folder with what the rest needs
         lib.prepare(job_songs, fp, overwrite, say)
@@ -400,7 +408,7 @@ def decode_library(inputs, out, *, ckpt=None, revision=None, device="cpu", dtype
             f"earlier, {len(plan.todo)} to decode (seed {seed})"
             + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
         job = DecodeJob(str(ckpt), revision, device, dtype, steps, guidance, seed, fast_vocoder, batch, str(out),
-                        audio_format, offload, audioldm_dtype, shard, log=None if progress else say, codec=codec)
+                        audio_format, offload, audioldm_dtype, shard, log=None if progress else say, codec=codec, **sampling)
         stats, devices = _run(job, lib, plan.todo, engine, workers, progress, planned_errors, say)
         wall = time.perf_counter() - start
         stats.failed += lost  # songs of unreadable shards: failed, though they have no id to make a row of
