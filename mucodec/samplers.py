@@ -32,6 +32,9 @@ DEFAULT_SAMPLER = "euler"
 # DiT evaluations per step of each solver (with guidance active, each evaluation is a batch of 2B)
 EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "ab2": 1}
 
+# far above float32 rounding of the accumulated t (~1e-7), far below any step (at most 1000 per window)
+TIME_SLACK = 1e-5
+
 Field = Callable[[torch.Tensor, torch.Tensor], tuple]
 
 
@@ -65,15 +68,26 @@ def checked(sampler, guidance_interval) -> dict:
 
 
 def guided_at(t: torch.Tensor, interval: Optional[tuple]) -> bool:
-    """Whether guidance applies at time ``t``: everywhere without an interval, else inside [a, b]."""
+    """Whether guidance applies at time ``t``: everywhere without an interval, else inside [a, b].
+
+    The grid's t is a float32 (20 steps reach 0.8 as 0.800000012, float32's nearest), so the ends are widened by
+    ``TIME_SLACK``: a grid point meant to lie on an end counts as inside."""
     if interval is None:
         return True
-    return interval[0] <= float(t) <= interval[1]
+    return interval[0] - TIME_SLACK <= float(t) <= interval[1] + TIME_SLACK
 
 
 def evaluations(sampler: str, num_steps: int) -> int:
     """DiT evaluations of one window (each one a batch of B, or 2B where guidance is active)."""
     return EVALUATIONS_PER_STEP[sampler] * num_steps
+
+
+def dit_rows(sampler: str, num_steps: int, guidance_scale: float, guidance_interval: Optional[tuple] = None) -> list:
+    """Batch rows per song of each DiT evaluation of one window: 2 where guidance runs, else 1."""
+    times = []
+    for t, dt in time_grid(num_steps):
+        times += [t, t + dt] if sampler == "heun" else [t]
+    return [2 if guidance_scale > 1 and guided_at(t, guidance_interval) else 1 for t in times]
 
 
 def time_grid(num_steps: int, device=None, dtype=torch.float32) -> list:

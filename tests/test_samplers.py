@@ -59,6 +59,9 @@ def test_time_grid_is_the_official_accumulation():
     t_end, dt_end = samplers.time_grid(3)[-1]
     assert abs(float(t_end + dt_end) - 1) < 1e-6
     assert samplers.evaluations("heun", 10) == 20 and samplers.evaluations("ab2", 10) == 10
+    # 20 steps meet t = k / 20; k = 4..16 lie in [0.2, 0.8], though t = 0.8 is float32 0.800000012 > 0.8
+    assert samplers.dit_rows("euler", 20, 1.5, (0.2, 0.8)) == [1] * 4 + [2] * 13 + [1] * 3
+    assert samplers.dit_rows("heun", 2, 1.5, (0.5, 0.5)) == [1, 2, 2, 1]
 
 
 # ---- a tiny window ------------------------------------------------------------------------------------
@@ -116,12 +119,13 @@ def counted(codec, **kw):
 def test_dit_rows_per_evaluation(tiny_codec, sampler, steps, interval, rows):
     _, calls = counted(tiny_codec, steps=steps, sampler=sampler, interval=interval)
     assert [n for n, _ in calls] == rows
+    assert [2 * r for r in samplers.dit_rows(sampler, steps, 1.5, interval)] == rows  # 2 songs
     assert all(len(t) == n and len(set(t)) == 1 for n, t in calls)
 
 
 def test_guidance_one_runs_only_the_conditional_half(tiny_codec):
     _, calls = counted(tiny_codec, steps=3, guidance=1.0)
-    assert [n for n, _ in calls] == [2, 2, 2]
+    assert [n for n, _ in calls] == [2, 2, 2] and samplers.dit_rows("euler", 3, 1.0) == [1, 1, 1]
     _, calls = counted(tiny_codec, steps=3, guidance=1.0, sampler="heun", interval=(0.0, 1.0))
     assert [n for n, _ in calls] == [2] * 6
 
