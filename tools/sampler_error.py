@@ -111,6 +111,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def write_plot(path: Path, rows: list[dict], title: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -127,6 +128,9 @@ def write_plot(path: Path, rows: list[dict], title: str) -> None:
                    label="reference's own error (est.)")
         ax.set_title(weights, fontsize=10)
         ax.set_xlabel("DiT evaluations per window")
+        ticks = sorted({r["evaluations"] for r in rows})
+        ax.set_xticks(ticks, [str(e) for e in ticks], minor=False)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("relative L2 error of the latents")
     axes[0][-1].legend(fontsize=8)
@@ -142,6 +146,7 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="checkpoint folder in the official layout")
     src.add_argument("--tiny", action="store_true", help="the tests' tiny checkpoints (written to a temp folder)")
+    src.add_argument("--from-csv", metavar="CSV", help="only draw PREFIX.png again from a CSV this tool wrote")
     src.add_argument("--synthetic", metavar="DIR",
                      help="the tests' full-size synthetic checkpoints, written into DIR once (6 GB) and reused")
     p.add_argument("--device", default="cpu", help="where the flow decoder runs (float32 throughout)")
@@ -167,8 +172,27 @@ def parse_args(argv=None):
     return args
 
 
+def title(frames, guidance: float, reference: str) -> str:
+    return (f"one window of {frames} latent frames, guidance {guidance:g}, reference {reference} (steps). "
+            "Solver error, not audio quality.")
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.update(evaluations=int(r["evaluations"]), steps=int(r["steps"]), rel_l2_latents=float(r["rel_l2_latents"]),
+                 reference_self_error=float(r["reference_self_error"]))
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    out = Path(args.output)
+    if args.from_csv:
+        rows = read_csv(args.from_csv)
+        write_plot(out.with_suffix(".png"), rows, title(args.frames, args.guidance, rows[0]["reference"]))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "tests"))
@@ -186,12 +210,10 @@ def main(argv=None) -> None:
     if args.smooth_time is not None:
         smooth = helpers.smooth_in_time(codec.flow, args.smooth_time)
         rows += measure(codec, smooth, f"{size} weights, time sinusoids <= {args.smooth_time:g} rad", args)
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out.with_suffix(".csv"), rows)
-    write_plot(out.with_suffix(".png"), rows,
-               f"one window of {args.frames or codec.config.window_latents} frames, guidance {args.guidance:g}; reference "
-               f"{args.reference[0]} at {args.reference[1]} steps. Solver error, not audio quality.")
+    write_plot(out.with_suffix(".png"), rows, title(args.frames or codec.config.window_latents, args.guidance,
+                                                    rows[0]["reference"]))
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
 
 
