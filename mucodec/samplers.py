@@ -52,6 +52,8 @@ def check_guidance_interval(value) -> Optional[tuple]:
     if value is None:
         return None
     try:
+        if isinstance(value, (str, bytes)):  # "01" would read as (0, 1)
+            raise TypeError
         a, b = (float(v) for v in value)
     except (TypeError, ValueError):
         raise ArgumentError(f"guidance_interval must be two numbers (a, b) with 0 <= a <= b <= 1, "
