@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import audio, decoding, tokens
+from . import audio, decoding
 from .settings import DTYPES, DecodingOptions, EncodingOptions, build  # noqa: F401  (DTYPES: its old home)
 from .checkpoint import DEFAULT_REPO, resolve_files
 from .errors import ArgumentError, CheckpointError, NumericalError
@@ -273,7 +273,8 @@ class MuCodec:
         z_q, _ = self.quantizer.from_codes(codes)
         with self._autocast(), self._visiting(self.flow):
             latents = self.flow.sample(z_q, true_latents, self.config.window_latents, incontext, x0, opts.num_steps,
-                                       opts.guidance_scale, callback=callback).float()
+                                       opts.guidance_scale, callback=callback, sampler=opts.sampler,
+                                       guidance_interval=opts.guidance_interval).float()
         self._check_finite(latents, "flow", "The flow decoder")
         return latents
 

@@ -29,6 +29,14 @@ class ArgumentError(MuCodecError, ValueError):
     """An argument value is out of range or of the wrong kind (steps, guidance, batch size, device, noise...)."""
 
 
+class SettingError(ArgumentError):
+    """A setting out of its range: ``name`` (the field), ``rule`` (what it must be), the value given."""
+
+    def __init__(self, name: str, rule: str, value):
+        self.name, self.rule = name, rule
+        super().__init__(f"{name} {rule}, got {value!r}.")
+
+
 class OutputError(MuCodecError):
     """An output file or folder cannot be written (missing folder, permission, name too long...)."""
 

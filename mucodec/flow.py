@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import samplers
 from .dit import DiT, DiTConfig
 from .kernels import Linear
 
@@ -68,7 +69,7 @@ class NormFeat(nn.Module):
 
 
 class FlowDecoder(nn.Module):
-    """Conditioning, masking and the Euler flow solver around the DiT ``estimator``."""
+    """Conditioning, masking and the flow solvers (:mod:`samplers`) around the DiT ``estimator``."""
 
     def __init__(self, cfg: FlowDecoderConfig = None):
         super().__init__()
@@ -113,14 +114,16 @@ class FlowDecoder(nn.Module):
 
     def sample(self, z_q: torch.Tensor, true_latents: torch.Tensor, latent_length: int, incontext_length: int,
                noise: torch.Tensor, num_steps: int, guidance_scale: float,
-               callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+               callback: Optional[Callable[[int, int], None]] = None, sampler: str = samplers.DEFAULT_SAMPLER,
+               guidance_interval: Optional[tuple] = None) -> torch.Tensor:
         """Decode one window: z_q (B, cond_dim, 2F), true_latents / noise (B, C, F, W) -> latents (B, C, F, W).
 
         ``true_latents`` (un-normalised) supplies the first ``incontext_length`` frames as the
         in-context prefix; ``noise`` is x at t = 0 (the caller owns the RNG). Frames at or past
         ``max(latent_length, incontext_length)`` get ``zero_cond_embedding1`` as condition.
-        ``guidance_scale > 1`` runs classifier-free guidance; ``callback(step, num_steps)`` is
-        called after each Euler step.
+        ``guidance_scale > 1`` runs classifier-free guidance (only at t inside ``guidance_interval``
+        (a, b) when given); ``sampler`` names the ODE solver (:mod:`samplers`); ``callback(step,
+        num_steps)`` is called after each step.
         """
         with torch.no_grad():
             cond = self.condition(z_q)
@@ -137,49 +140,53 @@ class FlowDecoder(nn.Module):
             prefix = self.normfeat.project(true_latents) * prefix_mask.to(true_latents.dtype)
             n_prefix = (int(prefix_mask.sum()) if prefix_mask.shape[0] == 1
                         else prefix_mask.reshape(-1, f).sum(1).tolist())
-            x = self.solve_euler(noise, prefix, n_prefix, cond, num_steps, guidance_scale, callback)
+            if sampler == samplers.DEFAULT_SAMPLER and guidance_interval is None:  # the official solver
+                x = self.solve_euler(noise, prefix, n_prefix, cond, num_steps, guidance_scale, callback)
+            else:
+                x = self.solve(noise, prefix, n_prefix, cond, num_steps, guidance_scale, callback, sampler,
+                               guidance_interval)
             x = torch.where(_prefix_mask(n_prefix, x), prefix, x)
             return self.normfeat.unproject(x)
 
     def solve_euler(self, noise: torch.Tensor, prefix: torch.Tensor, n_prefix: int, cond: torch.Tensor,
                     num_steps: int, guidance_scale: float,
                     callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-        """Euler integration of dx/dt = v(x, t) from t = 0 (x = noise) to 1; all (B, C, F, W).
+        """The official solver: :meth:`solve` with ``euler`` and guidance at every step."""
+        return self.solve(noise, prefix, n_prefix, cond, num_steps, guidance_scale, callback)
 
-        Every step first resets the prefix frames to the straight path between noise and prefix;
+    def solve(self, noise: torch.Tensor, prefix: torch.Tensor, n_prefix: int, cond: torch.Tensor,
+              num_steps: int, guidance_scale: float, callback: Optional[Callable[[int, int], None]] = None,
+              sampler: str = samplers.DEFAULT_SAMPLER, guidance_interval: Optional[tuple] = None) -> torch.Tensor:
+        """Integrate dx/dt = v(x, t) from t = 0 (x = noise) to 1 with ``sampler``; all (B, C, F, W).
+
+        Every evaluation first resets the prefix frames to the straight path between noise and prefix;
         ``n_prefix`` is their count, one int or one per item (elementwise selection, so an item's result
         does not depend on its batch mates' prefixes).
         t is accumulated in float32 (t += dt; dt = t_span[k+1] - t) exactly as the official solver,
         so e.g. 3 steps evaluate at 0, 0.33333334, 0.6666666. With guidance the DiT batch is
         [B unconditional items (zero condition), B conditional items] and the timestep is repeated
-        per item, so B > 1 works (the official solver supports only B = 1 with guidance).
+        per item, so B > 1 works (the official solver supports only B = 1 with guidance). With
+        ``guidance_interval`` (a, b), evaluations at t outside [a, b] run the conditional items alone.
         """
-        if num_steps < 1:
-            raise ValueError("num_steps must be >= 1")
         b = noise.shape[0]
-        t_span = torch.linspace(0, 1, num_steps + 1, device=noise.device)
-        t, dt = t_span[0], t_span[1] - t_span[0]
-        x = noise.clone()
-        in_prefix = _prefix_mask(n_prefix, x)
+        grid = samplers.time_grid(num_steps, noise.device)
+        in_prefix = _prefix_mask(n_prefix, noise)
         guided = guidance_scale > 1.0
         if guided:  # batch = [unconditional (zero condition) items, conditional items]
             prefix_in = torch.cat([prefix, prefix], 0)
             cond_in = torch.cat([torch.zeros_like(cond), cond], 0)
-        for step in range(1, num_steps + 1):
+
+        def field(x: torch.Tensor, t: torch.Tensor):
             x = torch.where(in_prefix, (1 - (1 - self.cfg.sigma_min) * t) * noise + t * prefix, x)
-            if guided:
+            if guided and samplers.guided_at(t, guidance_interval):
                 v = self.estimator(torch.cat([torch.cat([x, x], 0), prefix_in, cond_in], 1), t.repeat(2 * b))
                 v_uncond, v_cond = v.chunk(2, 0)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             else:
                 v = self.estimator(torch.cat([x, prefix, cond], 1), t.repeat(b))
-            x = x + dt * v
-            t = t + dt
-            if step < num_steps:
-                dt = t_span[step + 1] - t
-            if callback is not None:
-                callback(step, num_steps)
-        return x
+            return x, v
+
+        return samplers.solve(sampler, field, noise.clone(), grid, callback)
 
 
 def _prefix_mask(n_prefix, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import library, settings as S, tokens
+from . import library, samplers, settings as S, tokens
 from .audio import AUDIO_FORMATS
 from .checkpoint import DEFAULT_REPO, FILES, HUB_URL
 from .codec import dtype_name, pick_device
@@ -57,6 +57,13 @@ def _add_decoder_options(p: argparse.ArgumentParser, ext: str) -> None:
     p.add_argument("--guidance", type=float, default=None, metavar="G",
                    help=f"classifier-free guidance scale, at least 1; 1 turns guidance off (default: "
                         f"{S.GUIDANCE_SCALE})")
+    p.add_argument("--sampler", choices=samplers.SAMPLERS, default=None,
+                   help="ODE solver of the flow decoder: euler (the official one, 1 DiT pass per step), heun "
+                        "(2 per step, second order) or ab2 (1 per step, second order, reuses the previous "
+                        f"step's velocity); docs/sampling.md (default: {samplers.DEFAULT_SAMPLER})")
+    p.add_argument("--guidance-interval", metavar="A,B", default=None,
+                   help="guidance only at flow times t in [A, B] (0 <= A <= B <= 1); elsewhere the DiT runs "
+                        "without the unconditional half, at half the batch (default: guidance at every step)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed for the decoder's noise, applied to each file (default: random)")
     p.add_argument("--device", default="auto",
@@ -151,24 +158,31 @@ class Settings:
 
 # The flag that sets each field, for errors in the words of the command line.
 _FLAGS = {DecodingOptions: {"num_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
-                            "batch_size": "--decode-batch"},
+                            "batch_size": "--decode-batch", "sampler": "--sampler",
+                            "guidance_interval": "--guidance-interval"},
           EncodingOptions: {"batch_size": "--batch-size"},
           JobOptions: {"shard_size": "--shard-size", "workers": "--workers", "address": "--address",
                        "shard": "--shard"}}
+
+
+# A rule in the words of the command line, where its flag is written otherwise than the field.
+_RULES = {"guidance_interval": "must be A,B with 0 <= A <= B <= 1, e.g. 0.2,0.8"}
 
 
 def _settings(parser: argparse.ArgumentParser, cls, **values):
     try:
         return build(cls, **values)
     except SettingError as e:
-        parser.error(f"{_FLAGS[cls].get(e.name, e.name)} {e.rule}")
+        parser.error(f"{_FLAGS[cls].get(e.name, e.name)} {_RULES.get(e.name, e.rule)}")
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> Settings:
     """Everything about the command line that can be wrong, found before any file is touched (exit 2);
     returns the run's settings."""
+    interval = None if args.guidance_interval is None else args.guidance_interval.split(",")
     decoding = _settings(parser, DecodingOptions, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                         fast_vocoder=not args.official_vocoder, batch_size=args.decode_batch)
+                         fast_vocoder=not args.official_vocoder, batch_size=args.decode_batch, sampler=args.sampler,
+                         guidance_interval=interval)
     encoding = _settings(parser, EncodingOptions, batch_size=args.batch_size)
     if args.encode and args.prompt:
         parser.error("--prompt guides the decoder; it has no effect with --encode")
@@ -191,6 +205,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> Settings:
     decode_flags = [name for name, on in (("--decode-batch", args.decode_batch is not None),
                                           ("--audio-format", args.audio_format != "auto"),
                                           ("--offload", args.offload),
+                                          ("--sampler", args.sampler is not None),
+                                          ("--guidance-interval", args.guidance_interval is not None),
                                           ("--audioldm-dtype", args.audioldm_dtype != "float32")) if on]
     if decode_flags and args.encode:
         parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")

@@ -1,6 +1,7 @@
 """The settings of every job: one frozen dataclass each, built once, checked once, passed down unchanged.
 
-    DecodingOptions   how tokens become audio: num_steps, guidance_scale, seed, fast_vocoder, batch_size
+    DecodingOptions   how tokens become audio: num_steps, guidance_scale, seed, fast_vocoder, sampler,
+                      guidance_interval, batch_size
     EncodingOptions   how audio becomes tokens: batch_size
     JobOptions        where and how a library job runs: weights, device, precision, output format, shards, engine
 
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 
 from .audio import AUDIO_FORMATS
-from .errors import ArgumentError
+from . import samplers
+from .errors import ArgumentError, SettingError
 
 # The official values.
 CODE2SOUND_STEPS = 20  # MuCodec.code2sound
@@ -45,14 +47,6 @@ TASKS = {"code2sound": CODE2SOUND_STEPS, "sound2sound": SOUND2SOUND_STEPS}
 # Field metadata: a setting that changes how fast a job runs but not a bit of what it writes, so a job resumed
 # with another value continues the same output.
 SPEED_ONLY = {"output": False}
-
-
-class SettingError(ArgumentError):
-    """A setting out of its range: ``name`` (the field), ``rule`` (what it must be), the value given."""
-
-    def __init__(self, name: str, rule: str, value):
-        self.name, self.rule = name, rule
-        super().__init__(f"{name} {rule}, got {value!r}.")
 
 
 def whole_number(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -82,13 +76,17 @@ class DecodingOptions:
     (:meth:`for_task`: 20 for code2sound, 50 for sound2sound). ``guidance_scale``: classifier-free guidance, >= 1 (1 turns it off
     and skips the unconditional pass). ``seed``: the noise's seed; None draws fresh noise. ``fast_vocoder``:
     each mel frame through the vocoder once plus the chunk edges (the official overlapping chunks otherwise; the
-    same audio up to float rounding). ``batch_size``: songs a decode job steps together (speed only).
+    same audio up to float rounding). ``sampler``: the ODE solver (:mod:`samplers`: euler, the official one,
+    heun or ab2); ``guidance_interval`` (a, b): guidance only at flow times in [a, b] (None: everywhere).
+    ``batch_size``: songs a decode job steps together (speed only).
     """
 
     num_steps: int | None = None
     guidance_scale: float = GUIDANCE_SCALE
     seed: int | None = None
     fast_vocoder: bool = True
+    sampler: str = samplers.DEFAULT_SAMPLER
+    guidance_interval: tuple[float, float] | None = None
     batch_size: int = field(default=DECODE_BATCH, metadata=SPEED_ONLY)
 
     def __post_init__(self):
@@ -101,6 +99,8 @@ class DecodingOptions:
         if self.seed is not None:
             _set(self, "seed", whole_number("seed", self.seed, 0, MAX_SEED))
         _set(self, "fast_vocoder", bool(self.fast_vocoder))
+        _set(self, "sampler", samplers.check_sampler(self.sampler))
+        _set(self, "guidance_interval", samplers.check_guidance_interval(self.guidance_interval))
         _set(self, "batch_size", whole_number("batch_size", self.batch_size, 1, MAX_BATCH))
 
     def for_task(self, task: str) -> DecodingOptions:
@@ -114,7 +114,7 @@ class DecodingOptions:
         """The fields of resolved options that decide the audio: what an output folder records and compares."""
         if self.num_steps is None:
             raise ArgumentError("Resolve num_steps (for_task) before fingerprinting decoding options.")
-        return output_fields(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in output_fields(self).items()}  # as JSON reads
 
 
 @dataclass(frozen=True)

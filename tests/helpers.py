@@ -6,6 +6,7 @@
   as a fixed subset plus whole-array statistics (``Sampled``).
 * ``synth`` / ``state_dict``: the deterministic synthetic-weight rule the reference data was made with.
 * ``write_tiny_checkpoints``: tiny models in the official file layouts.
+* ``smooth_in_time``: a flow decoder whose velocity is smooth in flow time (solver orders show on it).
 
 The package under test is imported only inside ``write_tiny_checkpoints``, so that the data tool can use
 the subset definition here without depending on the code it checks.
@@ -378,3 +379,21 @@ def deny_opening(monkeypatch, path) -> None:
         return real_open(p, *a, **k)
 
     monkeypatch.setattr(os, "open", deny)
+
+
+def smooth_in_time(flow, max_omega: float = 8.0):
+    """A copy of a flow decoder whose DiT reads only the slow sinusoids of its time embedding (angular
+    frequency at most ``max_omega`` per unit of flow time t).
+
+    Random weights read every sinusoid alike, sin(1000 t) included, so their velocity swings on a 0.006
+    time scale that no step count below about a thousand resolves, and no solver's order shows. A trained
+    flow is smooth in t (that is why 20 Euler steps work); this copy stands in for one."""
+    import copy
+
+    flow = copy.deepcopy(flow)
+    emb = flow.estimator.adaln_single.emb
+    half = emb.cfg.flow_t_size // 2
+    omega = torch.exp(-math.log(emb.cfg.max_period) * torch.arange(half) / half) * emb.cfg.timestep_scale
+    with torch.no_grad():
+        emb.timestep_embedder.linear_1.weight[:, torch.cat([omega, omega]) > max_omega] = 0
+    return flow
