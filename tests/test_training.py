@@ -407,3 +407,27 @@ def test_sigkill_mid_run_then_resume_gives_the_same_weights(tiny_ckpt_dir, tmp_p
     for key in ("weights", "ema"):
         assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
     assert torch.equal(a["generator"], b["generator"]) and a["position"] == b["position"]
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(fresh_codec, tiny_ckpt_dir, tmp_path, monkeypatch):
+    """The step-4 checkpoint cannot be written (a full disk): the run stops with one sentence naming the run,
+    nothing damaged and no temporary file is left, and the step-2 checkpoint still loads."""
+    from mucodec import files, train_state
+    from mucodec.errors import StorageError
+
+    real = train_state.save
+
+    def filling(path, obj):
+        if obj.get("step") != 4:
+            return real(path, obj)
+        with files.inject_fault(100):  # the disk fills 100 bytes into the checkpoint
+            return real(path, obj)
+
+    monkeypatch.setattr(train_state, "save", filling)
+    run = tmp_path / "run"
+    with pytest.raises(StorageError) as e:
+        Trainer(fresh_codec, windows(fresh_codec, 2), None, run, options(), resolve_files(tiny_ckpt_dir),
+                log=lambda m: None).fit()
+    assert str(e.value).count(". ") == 0 and str(run) in str(e.value)
+    assert not [p for p in run.rglob("*") if p.name.endswith(files.TEMPORARY_SUFFIX)]
+    assert train_state.load(run / "state/last.pt")["step"] == 2
