@@ -229,7 +229,6 @@ class CheckedFile:
         try:
             n = _write_all(self.fd, data)
         except OSError as e:
-            self.error = e
             return self._fail(e)
         self.pos += n
         self.end = max(self.end, self.pos)

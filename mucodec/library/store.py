@@ -22,6 +22,7 @@ import contextlib
 import json
 import platform
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -229,30 +230,33 @@ class Store:
 
     def output_problem(self, path) -> str | None:
         """None when the committed output ``path`` is what its manifest line says; else what is wrong with it."""
-        path = Path(path)
+        return self._inspect(Path(path))[1]
+
+    def checked(self, path) -> bool:
+        """Whether the output ``path`` exists and checks; a damaged or lost one is noted, to be said and redone."""
+        present, problem = self._inspect(Path(path))
+        if problem is not None:
+            self.redone.append((Path(path), problem))
+        return present and problem is None
+
+    def _inspect(self, path: Path) -> tuple[bool, str | None]:
+        # one stat per output: resuming a large folder checks every song
         if self.records is None:
             self.records = self.read_records()
         rec = self.records.get(path.relative_to(self.out).as_posix())
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
-            return None if rec is None else "it is missing"
+            return False, (None if rec is None else "it is missing")
         except OSError as e:
-            return f"it cannot be read ({files.os_reason(e)})"
+            return False, f"it cannot be read ({files.os_reason(e)})"
         if rec is None:
-            return "no record of its commit is in the manifest"
-        if size != rec.get("bytes"):
-            return f"it holds {size:,} bytes where {rec.get('bytes'):,} were written"
+            return stat.S_ISREG(st.st_mode), "no record of its commit is in the manifest"
+        if st.st_size != rec.get("bytes"):
+            return True, f"it holds {st.st_size:,} bytes where {rec.get('bytes'):,} were written"
         if self.verify and files.sha256(path) != rec.get("sha256"):
-            return "its checksum differs from the one recorded when it was written"
-        return None
-
-    def checked(self, path) -> bool:
-        """Whether the output ``path`` exists and checks; a damaged or lost one is noted, to be said and redone."""
-        problem = self.output_problem(path)
-        if problem is not None:
-            self.redone.append((Path(path), problem))
-        return problem is None and Path(path).is_file()
+            return True, "its checksum differs from the one recorded when it was written"
+        return stat.S_ISREG(st.st_mode), None
 
     def stored_bytes(self) -> int | None:
         """The mean size of this folder's recorded outputs (None when there is none), to tell what the rest of
