@@ -164,7 +164,9 @@ class Trainer:
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
 
     def resume(self, st: dict) -> None:
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in st["options"].items()}
+        # a setting added since the run started had its default then (runs of earlier versions resume)
+        saved = {**dataclasses.asdict(TrainOptions()), **st["options"]}
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
         if saved != {k: tuple(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(self.opts).items()}:
             raise ArgumentError(f"{self.run} was started with other settings; use the same ones to resume it, "
                                 f"or another output folder.")
