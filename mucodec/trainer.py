@@ -290,7 +290,9 @@ class Trainer:
                 scores.append(self.score_window(i))
             for n, p in self.params.items():
                 p.copy_(saved[n])
-        self.last_val = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+        # ViSQOL is missing for windows too short for it: each figure is the mean of the windows that have it
+        names = dict.fromkeys(k for s in scores for k in s)
+        self.last_val = {k: sum(s[k] for s in scores if k in s) / sum(k in s for s in scores) for k in names}
         if self.last_val["val_mel"] < self.best:
             self.best = self.last_val["val_mel"]
             train_state.save(self.state_dir / train_state.BEST,
@@ -308,7 +310,10 @@ class Trainer:
         out = {"val_mel": metrics.mel_distance(self.val_audio[i], wav),
                "val_latent_l2": float((got - ref).norm() / ref.norm().clamp(min=1e-12))}
         if self.visqol:
-            out["val_visqol"] = metrics.visqol(self.val_audio[i], wav)
+            try:
+                out["val_visqol"] = metrics.visqol(self.val_audio[i], wav)
+            except ValueError:  # under about a second of audio: too short for one ViSQOL patch
+                pass
         return out
 
     def finish(self) -> dict:

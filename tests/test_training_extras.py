@@ -150,3 +150,33 @@ def test_overfitting_four_clips_halves_the_loss(tiny_ckpt_dir, tmp_path):
 @pytest.fixture
 def fresh_codec(tiny_ckpt_dir):
     return MuCodec.from_pretrained(tiny_ckpt_dir, device="cpu")
+
+
+def test_validation_scores_visqol_when_the_eval_extra_is_installed(fresh_codec, tiny_ckpt_dir, tmp_path):
+    pytest.importorskip("visqol")
+    run = tmp_path / "run"
+    # 1.28 s of audio, and a window with 0.48 s, too short for one ViSQOL patch: left out of its mean
+    val = windows(fresh_codec, 2, seed=9, frames=16, valid=[16, 6])
+    card = Trainer(fresh_codec, windows(fresh_codec, 2), val, run, options(max_steps=2, skip_visqol=False),
+                   resolve_files(tiny_ckpt_dir), **QUIET).fit()
+    assert 1.0 <= card["validation"]["val_visqol"] <= 5.0  # MOS-LQO's range
+    header, *rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()]
+    assert float(rows[-1][header.index("val_visqol")]) == pytest.approx(card["validation"]["val_visqol"], rel=1e-5)
+    assert card["best_val_mel"] == card["validation"]["val_mel"]  # the mel distance still selects
+
+
+def test_a_run_saved_before_the_lora_settings_resumes(fresh_codec, tiny_ckpt_dir, tmp_path):
+    files, run = resolve_files(tiny_ckpt_dir), tmp_path / "run"
+    opts = options(skip_visqol=False)  # the three settings at their defaults, as such a run had them
+    Trainer(fresh_codec, windows(fresh_codec, 2), None, run, opts, files, **QUIET).fit()
+    old = train_state.load(run / "state/last.pt")
+    for name in ("lora", "lora_alpha", "skip_visqol"):
+        del old["options"][name]
+    train_state.save(run / "state/last.pt", old)
+    said = []
+    codec = MuCodec.from_pretrained(tiny_ckpt_dir)
+    Trainer(codec, windows(codec, 2), None, run, opts, files, log=said.append)
+    assert said == [f"resumed {run} at step 4"]
+    from mucodec.errors import ArgumentError
+    with pytest.raises(ArgumentError, match="other settings"):
+        Trainer(MuCodec.from_pretrained(tiny_ckpt_dir), windows(codec, 2), None, run, options(lora=2), files, **QUIET)
