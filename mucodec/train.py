@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -58,14 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare(args, device, say) -> Path | None:
-    """The prepared folder to train on: DATA itself when prepared before, else RUN/data, prepared (or resumed)
-    from the music in DATA now. None when a file failed or only a ``--shard`` part was asked for."""
+def prepare(args, device, say) -> tuple[Path | None, int]:
+    """(the prepared folder to train on, exit code): DATA itself when prepared before, else RUN/data, prepared
+    (or resumed) from the music in DATA now. No folder when a file failed or only a ``--shard`` part was asked."""
     from .library.prepare import prepare_library
 
     if len(args.data) == 1 and is_prepared(args.data[0]):
-        return Path(args.data[0])
+        return Path(args.data[0]), EXIT_OK
     out = Path(args.output) / PREPARED
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would prepare the same songs at once
+        raise ArgumentError(f"{args.data[0]} is not a prepared folder; prepare it in one process first (the same "
+                            f"command without torchrun, with --shard 1/1 to stop before training), then pass {out} "
+                            f"under torchrun.")
     job = JobOptions(ckpt=args.ckpt, revision=args.revision, device=device, dtype=args.encode_dtype,
                      shard=args.shard, workers=args.workers, retry_errors=args.retry_errors,
                      overwrite=args.overwrite, shard_size=args.shard_songs)
@@ -75,11 +80,11 @@ def prepare(args, device, say) -> Path | None:
     say(f"{s['done']} songs prepared, {s['skipped']} skipped, {s['failed']} failed: {out}")
     if s["failed"]:
         say(f"training did not start: fix or remove the files listed in {out}/errors, or add --retry-errors")
-        return None
+        return None, EXIT_FAILED
     if args.shard is not None:
         say(f"part {args.shard[0]}/{args.shard[1]} is prepared; once every part is, run again without --shard")
-        return None
-    return out
+        return None, EXIT_OK
+    return out, EXIT_OK
 
 
 def main(argv=None) -> int:
@@ -92,9 +97,9 @@ def main(argv=None) -> int:
         opts = TrainOptions(**{f.name: (tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
                                         else getattr(args, f.name)) for f in dataclasses.fields(TrainOptions)})
         device = pick_device(args.device)
-        data = prepare(args, device, say)
+        data, code = prepare(args, device, say)
         if data is None:
-            return EXIT_FAILED if args.shard is None else EXIT_OK
+            return code
         fit_folder(data, args.output, ckpt=args.ckpt, revision=args.revision, device=device, opts=opts,
                    holdout=args.holdout, log=say)
         return EXIT_OK
