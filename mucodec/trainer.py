@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -19,13 +20,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import files, metrics, train_state
+from . import files, lora, metrics, train_state
 from .errors import ArgumentError, NumericalError
 from .settings import GUIDANCE_SCALE, DecodingOptions
+from .train_log import MetricsLog, fmt
 from .training import SEED_STRIDE, TRAINABLE, Draws, Objective, Windows, cfm_loss, draw, set_trainable
-
-METRICS_CSV = "metrics.csv"
-COLUMNS = ("step", "loss", "lr", "grad_norm", "val_mel", "val_latent_l2")
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,9 @@ class TrainOptions:
     val_guidance: float = GUIDANCE_SCALE
     log_every: int = 10
     seed: int = 0
+    lora: int = 0                # rank of the LoRA adapters (0: full fine-tuning of the TRAINABLE parts)
+    lora_alpha: float = 16.0     # the adapters' scale is lora_alpha / lora (peft's convention)
+    skip_visqol: bool = False    # validation scores ViSQOL too when the eval extra is installed, unless set
 
     def __post_init__(self):
         counts = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "validate_every", "val_windows",
@@ -65,6 +67,10 @@ class TrainOptions:
             raise ArgumentError(f"lr must be a positive number, got {self.lr!r}.")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.ema_decay < 1:
             raise ArgumentError("min_lr_ratio must lie in [0, 1] and ema_decay in [0, 1).")
+        if isinstance(self.lora, bool) or not isinstance(self.lora, int) or self.lora < 0:
+            raise ArgumentError(f"lora (the adapters' rank) must be a whole number >= 0, got {self.lora!r}.")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ArgumentError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_norm < 0:
             raise ArgumentError("warmup_steps, weight_decay and clip_norm must be >= 0.")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -122,6 +128,8 @@ class Trainer:
         self.run, self.base_files, self.fingerprint = Path(run), base_files, fingerprint or {}
         self.flow = codec.flow
         self.names = set_trainable(codec, TRAINABLE)
+        if opts.lora:  # only the adapters train; the export merges them into plain weights
+            self.names = lora.attach(self.flow, opts.lora, opts.lora_alpha, opts.seed)
         self.flow.estimator.checkpoint_blocks = opts.checkpoint_blocks
         self.params = {n: p for n, p in self.flow.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=opts.lr, betas=tuple(opts.betas),
@@ -141,6 +149,8 @@ class Trainer:
         self.best = math.inf
         self.last_val: dict = {}
         self.val_audio: dict = {}
+        self.metrics = MetricsLog(self.run)
+        self.visqol = not opts.skip_visqol and importlib.util.find_spec("visqol") is not None
         self.state_dir = self.run / train_state.STATE_DIR
         if (self.state_dir / train_state.LAST).exists():
             self.resume(train_state.load(self.state_dir / train_state.LAST))
@@ -154,7 +164,9 @@ class Trainer:
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
 
     def resume(self, st: dict) -> None:
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in st["options"].items()}
+        # a setting added since the run started had its default then (runs of earlier versions resume)
+        saved = {**dataclasses.asdict(TrainOptions()), **st["options"]}
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
         if saved != {k: tuple(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(self.opts).items()}:
             raise ArgumentError(f"{self.run} was started with other settings; use the same ones to resume it, "
                                 f"or another output folder.")
@@ -170,7 +182,12 @@ class Trainer:
         self.log(f"resumed {self.run} at step {self.step}")
 
     def exported_weights(self) -> dict:
+        """The trained tensors as the run exports them: the EMA's or the current ones (adapters under LoRA)."""
         return self.ema if self.ema is not None else {n: p.detach() for n, p in self.params.items()}
+
+    def plain_weights(self, weights: dict) -> dict:
+        """``weights`` as tensors of the official mucodec.pt (FlowDecoder names): adapters merged."""
+        return lora.merged(self.flow, weights) if self.opts.lora else weights
 
     # ---- one optimiser step ---------------------------------------------------------------------
     def micro_step(self) -> float:
@@ -229,10 +246,19 @@ class Trainer:
         opts, lead = self.opts, self.rank == 0
         if lead:
             self.run.mkdir(parents=True, exist_ok=True)
-            self.trim_metrics()
+            self.metrics.open(self.step, self.log)
         bar = tqdm(total=opts.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not (lead and sys.stderr.isatty()))
         start = time.perf_counter()
+        try:
+            self.loop(bar, start)
+        finally:
+            bar.close()
+            self.metrics.close()
+        return self.finish() if lead else {}
+
+    def loop(self, bar, start: float) -> None:
+        opts, lead = self.opts, self.rank == 0
         while self.step < opts.max_steps:
             row = self.train_step()
             bar.update(1)
@@ -243,94 +269,69 @@ class Trainer:
             if self.val is not None and (self.step % opts.validate_every == 0 or last):
                 row.update(self.validate())
             if self.step % opts.log_every == 0 or last or "val_mel" in row:
-                self.write_metrics(row)
+                self.metrics.write(row)
                 if bar.disable:
                     took = time.perf_counter() - start
-                    self.log(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()) + f" ({took:.1f} s)")
+                    self.log(" ".join(f"{k}={fmt(v)}" for k, v in row.items()) + f" ({took:.1f} s)")
             if self.step % opts.checkpoint_every == 0 or last:
                 train_state.save(self.state_dir / train_state.LAST, self.state())
-        bar.close()
-        return self.finish() if lead else {}
 
     def validate(self) -> dict:
         """Decode every held-out window from fixed noise with the weights that would be exported; the mean
         multi-scale mel distance of its audio to the audio of the window's own VAE latents (the best the frozen
-        stages allow), and the relative L2 distance of the latents. Keeps the best weights by mel distance."""
+        stages allow), the relative L2 distance of the latents, and ViSQOL of the audio when the eval extra is
+        installed. Keeps the best weights by mel distance."""
         saved = {n: p.detach().clone() for n, p in self.params.items()}
-        opts = self.opts.validation
-        mel, l2 = [], []
+        scores = []
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(self.exported_weights()[n])
             for i in range(min(len(self.val), self.opts.val_windows)):
-                codes, true, valid = self.val.codes[i:i + 1], self.val.latents[i:i + 1].float(), int(self.val.valid[i])
-                seed = self.opts.seed * SEED_STRIDE + i
-                noise = torch.randn(true.shape, generator=torch.Generator().manual_seed(seed))
-                got = self.codec.decode_window(codes, true, 0, noise, opts)[:, :, :valid]
-                ref = true[:, :, :valid]
-                l2.append(float((got - ref).norm() / ref.norm().clamp(min=1e-12)))
-                if i not in self.val_audio:  # the frozen stages' audio of a window never changes: made once
-                    self.val_audio[i] = self.codec.latents_to_wave(ref)
-                mel.append(metrics.mel_distance(self.val_audio[i], self.codec.latents_to_wave(got)))
+                scores.append(self.score_window(i))
             for n, p in self.params.items():
                 p.copy_(saved[n])
-        self.last_val = {"val_mel": sum(mel) / len(mel), "val_latent_l2": sum(l2) / len(l2)}
+        # ViSQOL is missing for windows too short for it: each figure is the mean of the windows that have it
+        names = dict.fromkeys(k for s in scores for k in s)
+        self.last_val = {k: sum(s[k] for s in scores if k in s) / sum(k in s for s in scores) for k in names}
         if self.last_val["val_mel"] < self.best:
             self.best = self.last_val["val_mel"]
             train_state.save(self.state_dir / train_state.BEST,
                              {"step": self.step, **self.last_val, "weights": self.exported_weights()})
         return dict(self.last_val)
 
+    def score_window(self, i: int) -> dict:
+        codes, true, valid = self.val.codes[i:i + 1], self.val.latents[i:i + 1].float(), int(self.val.valid[i])
+        noise = torch.randn(true.shape, generator=torch.Generator().manual_seed(self.opts.seed * SEED_STRIDE + i))
+        got = self.codec.decode_window(codes, true, 0, noise, self.opts.validation)[:, :, :valid]
+        ref = true[:, :, :valid]
+        if i not in self.val_audio:  # the frozen stages' audio of a window never changes: made once
+            self.val_audio[i] = self.codec.latents_to_wave(ref)
+        wav = self.codec.latents_to_wave(got)
+        out = {"val_mel": metrics.mel_distance(self.val_audio[i], wav),
+               "val_latent_l2": float((got - ref).norm() / ref.norm().clamp(min=1e-12))}
+        if self.visqol:
+            try:
+                out["val_visqol"] = metrics.visqol(self.val_audio[i], wav)
+            except ValueError:  # under about a second of audio: too short for one ViSQOL patch
+                pass
+        return out
+
     def finish(self) -> dict:
         best = self.state_dir / train_state.BEST
         weights, chosen = self.exported_weights(), "last"
         if self.val is not None and best.exists():
             weights, chosen = train_state.load(best)["weights"], "best"
-        path = train_state.export(self.base_files, weights, self.run)
+        path = train_state.export(self.base_files, self.plain_weights(weights), self.run)
+        trained = sorted({n.split(lora.ADAPTER)[0] + ".weight" for n in self.names} if self.opts.lora else self.names)
         card = {"base_checkpoint_sha256": files.sha256(self.base_files["mucodec"]), "data": self.fingerprint,
-                "steps": self.step, "exported": chosen + (" (EMA)" if self.ema is not None else ""),
-                "trained": sorted(self.names), "settings": dataclasses.asdict(self.opts),
+                "steps": self.step, "exported": chosen + (" (EMA)" if self.ema is not None else "")
+                + (f" (LoRA rank {self.opts.lora} merged)" if self.opts.lora else ""),
+                "trained": trained, "settings": dataclasses.asdict(self.opts),
                 "validation": self.last_val, "best_val_mel": None if math.isinf(self.best) else self.best}
         files.write_atomic(self.run / train_state.CARD, (json.dumps(card, indent=2) + "\n").encode())
-        self.plot()
+        self.metrics.plot()
         self.log(f"wrote {path}")
         return card
-
-    # ---- metrics --------------------------------------------------------------------------------
-    def write_metrics(self, row: dict) -> None:
-        path = self.run / METRICS_CSV
-        if not path.exists():
-            files.append_line(path, (",".join(COLUMNS) + "\n").encode())
-        files.append_line(path, (",".join(_fmt(row.get(c, "")) for c in COLUMNS) + "\n").encode())
-
-    def trim_metrics(self) -> None:
-        """Drop rows past the resumed step (written after the last checkpoint), so the CSV has each step once."""
-        path = self.run / METRICS_CSV
-        lines = files.read_lines(path)
-        if lines:
-            kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(b",")[0]) <= self.step]
-            files.write_atomic(path, b"".join(ln + b"\n" for ln in kept))
-
-    def plot(self) -> None:
-        """loss.png beside metrics.csv, when matplotlib is installed (an optional extra)."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        rows = [ln.decode().split(",") for ln in files.read_lines(self.run / METRICS_CSV)[1:]]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows])
-        ax.set_xlabel("step")
-        ax.set_ylabel("flow-matching loss")
-        with files.open_atomic(self.run / "loss.png") as f:
-            fig.savefig(f, format="png", dpi=100)
-        plt.close(fig)
-
-
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def fit_folder(data, run, *, ckpt=None, revision=None, device="cpu", opts: TrainOptions = TrainOptions(),

@@ -35,7 +35,7 @@ def windows(codec, n: int, seed: int = 0, frames: int = FRAMES, valid=None) -> W
 
 def options(**kw) -> TrainOptions:
     base = dict(max_steps=4, lr=3e-3, warmup_steps=1, ema_decay=0.9, checkpoint_every=2, validate_every=2,
-                val_steps=2, log_every=1, max_prefix=3, seed=3)
+                val_steps=2, log_every=1, max_prefix=3, seed=3, skip_visqol=True)
     return TrainOptions(**{**base, **kw})
 
 
@@ -161,8 +161,8 @@ def test_a_few_steps_lower_the_loss(fresh_codec, tiny_ckpt_dir, tmp_path):
     before, far = loss(), distance()
     Trainer(fresh_codec, data, None, tmp_path / "run", options(max_steps=30, ema_decay=0.0, cond_drop=0.0,
             checkpoint_every=30, log_every=30), resolve_files(tiny_ckpt_dir), log=lambda m: None).fit()
-    # the one-block tiny DiT does not reach the halving the issue asks of a few hundred steps; 30 steps take
-    # it from 3.74 to 2.26 on these windows
+    # 30 steps take the tiny DiT from 3.74 to 2.26 on these windows; the issue's halving over a few hundred
+    # steps is test_training_extras.test_overfitting_four_clips_halves_the_loss
     assert loss() < 0.7 * before
     assert distance() < far
 
@@ -267,10 +267,14 @@ def test_prepare_then_fit_from_the_command_line(tmp_path, tiny_ckpt_dir):
     music = write_music(tmp_path / "music", [("a.wav", 3.0), ("b.wav", 1.5)])
     (music / "bad.wav").write_bytes(b"not audio")
     data, run = tmp_path / "data", tmp_path / "run"
-    argv = ["prepare", music, "-o", data, "--ckpt", tiny_ckpt_dir, "--workers", 0, "-q"]
-    assert train.main([str(a) for a in argv]) == 1  # one file failed
-    assert [e["path"] for e in library.read_errors(data)] == ["bad.wav"]
-    assert train.main([str(a) for a in argv]) == 0  # resumed: nothing left to do, the bad file not retried
+    # a music folder is prepared into RUN/data, then trained on; a failed file stops it before training
+    argv = [music, "-o", tmp_path / "prep", "--ckpt", tiny_ckpt_dir, "--workers", 0, "--max-steps", 1, "-q"]
+    assert train.main([str(a) for a in argv]) == 1
+    data = tmp_path / "prep" / "data"
+    assert [e["path"] for e in library.read_errors(data)] == ["bad.wav"] and not (tmp_path / "prep/ckpt").exists()
+    (music / "bad.wav").unlink()
+    assert train.main([str(a) for a in argv]) == 0  # resumed: the songs done are not prepared again, then trained
+    assert (tmp_path / "prep/ckpt/mucodec.pt").exists()
 
     windows, held = load_windows(data, holdout=0.0)
     assert held is None and len(windows) == 2 and windows.latents.dtype == torch.bfloat16
@@ -285,9 +289,9 @@ def test_prepare_then_fit_from_the_command_line(tmp_path, tiny_ckpt_dir):
     (_, _, lat), = window_latents(codec, wav, codes.numel())
     assert torch.equal(windows.latents[row[0]], lat.bfloat16())
 
-    argv = ["fit", data, "-o", run, "--ckpt", tiny_ckpt_dir, "--max-steps", 2, "--holdout", 0, "--max-prefix", 4, "-q"]
-    assert train.main([str(a) for a in argv]) == 0
-    assert (run / "config.json").exists() and (run / "model_card.json").exists()
+    argv = [data, "-o", run, "--ckpt", tiny_ckpt_dir, "--max-steps", 2, "--holdout", 0, "--max-prefix", 4, "-q"]
+    assert train.main([str(a) for a in argv]) == 0  # a prepared folder is trained on as it is
+    assert (run / "config.json").exists() and (run / "model_card.json").exists() and not (run / "data").exists()
     assert MuCodec.from_pretrained(run).flow is not None
     assert train.main([str(a) for a in argv[:-1]] + ["--lr", "1", "-q"]) == 2  # other settings: refused
 

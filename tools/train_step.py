@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time and peak memory of one fine-tuning step of the full-width decoder, at batch 1 on a full window.
 
-    python3 tools/train_step.py --dit-blocks 2 [--bf16] [--device cpu]
+    python3 tools/train_step.py --dit-blocks 2 [--bf16] [--lora 16] [--device cpu]
 
 Builds the released sizes of the flow decoder with random weights (no checkpoint is needed: a step's cost
 does not depend on the values), keeps the DiT's first ``--dit-blocks`` blocks, and runs two optimiser steps
@@ -24,7 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mucodec import lora  # noqa: E402
 from mucodec.flow import FlowDecoder, FlowDecoderConfig  # noqa: E402
+from mucodec.trainer import TrainOptions  # noqa: E402
 from mucodec.training import Objective, cfm_loss, draw  # noqa: E402
 
 
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--dit-blocks", type=int, default=24)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--checkpoint-blocks", action="store_true", help="activation checkpointing")
+    ap.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank only (0: full)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -46,6 +49,9 @@ def main() -> None:
     flow.estimator.checkpoint_blocks = args.checkpoint_blocks
     flow.cond_muencoder_emb.requires_grad_(True)
     flow.zero_cond_embedding1.requires_grad_(True)
+    if args.lora:
+        lora.attach(flow, args.lora, TrainOptions().lora_alpha, seed=0)
+        flow.to(args.device)
     params = [p for p in flow.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     frames = 512
@@ -70,6 +76,7 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"dit_blocks": args.dit_blocks, "bf16": args.bf16, "checkpoint_blocks": args.checkpoint_blocks,
+                      "lora": args.lora,
                       "device": args.device,
                       "step_seconds": round(seconds, 2), "trained_parameters": sum(p.numel() for p in params),
                       "peak_mib": round(peak), "threads": torch.get_num_threads()}))

@@ -52,6 +52,15 @@ def fingerprint(ckpt_files: dict, options: EncodingOptions, job: JobOptions, lat
     return {**fp, "prepare_version": PREPARE_VERSION, "latent_dtype": latent_dtype}
 
 
+def is_prepared(folder) -> bool:
+    """Whether ``folder`` is a training set this job wrote (its fingerprint names the prepare version)."""
+    path = Path(folder) / "fingerprint.json"
+    try:
+        return path.is_file() and "prepare_version" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def is_holdout(song_id: str, fraction: float) -> bool:
     """Whether a song is held out for validation: a hash of its id (salted, so that it is independent of the
     ``--shard`` split), the same on every machine and for every run."""
