@@ -169,21 +169,27 @@ _FLAGS = {DecodingOptions: {"num_steps": "--steps", "guidance_scale": "--guidanc
 _RULES = {"guidance_interval": "must be A,B with 0 <= A <= B <= 1, e.g. 0.2,0.8"}
 
 
-def _settings(parser: argparse.ArgumentParser, cls, **values):
+def flag_sentence(e: SettingError, cls) -> str:
+    """A setting's error in the words of the command line: its flag and its rule."""
+    return f"{_FLAGS[cls].get(e.name, e.name)} {_RULES.get(e.name, e.rule)}"
+
+
+def checked(parser: argparse.ArgumentParser, cls, **values):
+    """``build(cls, **values)``, or exit 2 with the setting's error in the words of the command line."""
     try:
         return build(cls, **values)
     except SettingError as e:
-        parser.error(f"{_FLAGS[cls].get(e.name, e.name)} {_RULES.get(e.name, e.rule)}")
+        parser.error(flag_sentence(e, cls))
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> Settings:
     """Everything about the command line that can be wrong, found before any file is touched (exit 2);
     returns the run's settings."""
     interval = None if args.guidance_interval is None else args.guidance_interval.split(",")
-    decoding = _settings(parser, DecodingOptions, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+    decoding = checked(parser, DecodingOptions, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                          fast_vocoder=not args.official_vocoder, batch_size=args.decode_batch, sampler=args.sampler,
                          guidance_interval=interval)
-    encoding = _settings(parser, EncodingOptions, batch_size=args.batch_size)
+    encoding = checked(parser, EncodingOptions, batch_size=args.batch_size)
     if args.encode and args.prompt:
         parser.error("--prompt guides the decoder; it has no effect with --encode")
     if args.encode and args.evaluate:
@@ -215,7 +221,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> Settings:
             args.shard = library.parse_shard(args.shard)
         except ArgumentError as e:
             parser.error(str(e))
-    job = _settings(parser, JobOptions, ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=args.dtype,
+    job = checked(parser, JobOptions, ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=args.dtype,
                     audioldm_dtype=args.audioldm_dtype, offload=args.offload,
                     audio_format=None if args.audio_format == "auto" else args.audio_format,
                     token_format=None if args.format == "auto" else args.format, shard_size=args.shard_size,
