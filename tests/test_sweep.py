@@ -12,7 +12,7 @@ import soundfile as sf
 
 pytest.importorskip("visqol", reason="the evaluation extra is not installed (pip install -r requirements-eval.txt)")
 
-from mucodec import sweep  # noqa: E402
+from mucodec import sweep, sweep_score  # noqa: E402
 from test_evaluate import SR, browser, music  # noqa: E402
 
 SONGS = {"a": 2.0, "sub/b": 2.5}  # name -> seconds
@@ -33,7 +33,7 @@ def swept(tmp_path_factory, tiny_ckpt_dir):
         (music_dir / name).parent.mkdir(parents=True, exist_ok=True)
         sf.write(music_dir / f"{name}.wav", music(seconds, k).T.numpy(), SR)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sweep, "DETAIL", 0)  # no spectrograms in the per-setting reports: seconds of matplotlib each
+        mp.setattr(sweep_score, "DETAIL", 0)  # no spectrograms in the per-setting reports: seconds of matplotlib each
         assert run(music_dir, out, tiny_ckpt_dir) == 0
     return music_dir, out
 
@@ -70,7 +70,7 @@ def test_every_setting_decodes_every_song_and_gets_one_row(swept):
 def test_pareto_front_by_hand():
     # (cost, loss): (3, 4) is beaten by (2, 3); equal points beat neither; a NaN is on no front
     points = [(1, 5), (2, 3), (3, 4), (4, 1), (2, 3), (5, math.nan), (6, 1)]
-    assert sweep.pareto(points) == [True, True, False, True, True, False, False]
+    assert sweep_score.pareto(points) == [True, True, False, True, True, False, False]
 
 
 def test_a_rerun_decodes_nothing_and_keeps_the_times(swept, tiny_ckpt_dir, capsys):
@@ -148,3 +148,12 @@ def test_page_in_a_real_browser(swept):
     for _, src in got["audio"]:
         path = urllib.parse.unquote(urllib.parse.urlparse(src).path)
         assert sf.info(path).duration in SONGS.values()  # exists, and is audio
+
+
+def test_every_option_is_in_the_docs_table():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sampling.md").read_text(encoding="utf-8")
+    table = text.split("## The sweep", 1)[1]
+    options = {s for a in sweep.build_parser()._actions for s in a.option_strings} - {"-h", "--help"}
+    assert not [o for o in sorted(options) if f"`{o}" not in table]
