@@ -157,3 +157,16 @@ def test_every_option_is_in_the_docs_table():
     table = text.split("## The sweep", 1)[1]
     options = {s for a in sweep.build_parser()._actions for s in a.option_strings} - {"-h", "--help"}
     assert not [o for o in sorted(options) if f"`{o}" not in table]
+
+
+def test_without_the_evaluation_extra_the_mel_distance_alone(swept, monkeypatch):
+    music_dir, out = swept
+    monkeypatch.setattr(sweep_score, "has_eval_extra", lambda: False)
+    references = {name: str(music_dir / f"{name}.wav") for name in SONGS}
+    name = next(iter(SETTINGS))
+    rows = sweep_score.score_setting(references, out / name, sweep.JobOptions())
+    with open(out / name / "metrics.csv", newline="") as f:
+        evaluated = {r["path"]: float(r["mel_distance"]) for r in csv.DictReader(f)}
+    # the same numbers as the evaluation's, and no ViSQOL
+    assert {r["path"]: r["mel_distance"] for r in rows} == pytest.approx(evaluated)
+    assert all(math.isnan(r["visqol"]) and not r["error"] for r in rows)
