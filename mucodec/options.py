@@ -64,6 +64,9 @@ def _add_decoder_options(p: argparse.ArgumentParser, ext: str) -> None:
     p.add_argument("--guidance-interval", metavar="A,B", default=None,
                    help="guidance only at flow times t in [A, B] (0 <= A <= B <= 1); elsewhere the DiT runs "
                         "without the unconditional half, at half the batch (default: guidance at every step)")
+    p.add_argument("--schedule", choices=samplers.SCHEDULES, default=None,
+                   help="flow times the steps meet: uniform (the official grid) or cosine (small steps near t = 0, "
+                        f"where the flow leaves the noise); docs/sampling.md (default: {samplers.DEFAULT_SCHEDULE})")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed for the decoder's noise, applied to each file (default: random)")
     p.add_argument("--device", default="auto",
@@ -159,7 +162,7 @@ class Settings:
 # The flag that sets each field, for errors in the words of the command line.
 _FLAGS = {DecodingOptions: {"num_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
                             "batch_size": "--decode-batch", "sampler": "--sampler",
-                            "guidance_interval": "--guidance-interval"},
+                            "guidance_interval": "--guidance-interval", "schedule": "--schedule"},
           EncodingOptions: {"batch_size": "--batch-size"},
           JobOptions: {"shard_size": "--shard-size", "workers": "--workers", "address": "--address",
                        "shard": "--shard"}}
@@ -188,7 +191,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> Settings:
     interval = None if args.guidance_interval is None else args.guidance_interval.split(",")
     decoding = checked(parser, DecodingOptions, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                          fast_vocoder=not args.official_vocoder, batch_size=args.decode_batch, sampler=args.sampler,
-                         guidance_interval=interval)
+                         guidance_interval=interval, schedule=args.schedule)
     encoding = checked(parser, EncodingOptions, batch_size=args.batch_size)
     if args.encode and args.prompt:
         parser.error("--prompt guides the decoder; it has no effect with --encode")
@@ -213,6 +216,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> Settings:
                                           ("--offload", args.offload),
                                           ("--sampler", args.sampler is not None),
                                           ("--guidance-interval", args.guidance_interval is not None),
+                                          ("--schedule", args.schedule is not None),
                                           ("--audioldm-dtype", args.audioldm_dtype != "float32")) if on]
     if decode_flags and args.encode:
         parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")

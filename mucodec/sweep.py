@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .settings import DecodingOptions, EncodingOptions, JobOptions, build
 STEPS = (4, 8, 12, 20)
 SAMPLERS = ("euler", "heun")
 GUIDANCES = (1.0, 1.5)
+SCHEDULES = (samplers.DEFAULT_SCHEDULE,)
 SEED = 0  # one noise for every setting: settings then differ by their setting alone
 MAX_SETTINGS = 256  # a typo in a grid should not plan days of decoding
 TOKENS = "tokens"
@@ -47,24 +49,25 @@ class Setting:
     def dit_passes(self) -> int:
         """DiT passes per song and window (a guided evaluation is two: conditional and unconditional)."""
         o = self.options
-        return sum(samplers.dit_rows(o.sampler, o.num_steps, o.guidance_scale, o.guidance_interval))
+        return sum(samplers.dit_rows(o.sampler, o.num_steps, o.guidance_scale, o.guidance_interval, o.schedule))
 
 
 @dataclass(frozen=True)
 class SweepOptions:
-    """The grid (``steps`` x ``samplers`` x ``guidances`` x ``intervals``; an interval of None guides at every
-    step), the decoding options they vary (``base``: seed, batch, vocoder) and the job's. Checked once here:
+    """The grid (``steps`` x ``samplers`` x ``guidances`` x ``intervals`` x ``schedules``; an interval of None
+    guides at every step), the decoding options they vary (``base``: seed, batch, vocoder) and the job's. Checked once here:
     each grid value through :class:`DecodingOptions`, whose SettingError names it."""
 
     steps: tuple = STEPS
     samplers: tuple = SAMPLERS
     guidances: tuple = GUIDANCES
     intervals: tuple = (None,)
+    schedules: tuple = SCHEDULES
     base: DecodingOptions = DecodingOptions(seed=SEED)
     job: JobOptions = JobOptions()
 
     def __post_init__(self):
-        for name in ("steps", "samplers", "guidances", "intervals"):
+        for name in ("steps", "samplers", "guidances", "intervals", "schedules"):
             value = tuple(getattr(self, name))
             if not value:
                 raise SettingError(name, "must hold at least one value", value)
@@ -78,20 +81,16 @@ class SweepOptions:
             raise SettingError("grid", f"must hold at most {MAX_SETTINGS} settings", len(settings))
 
     def settings(self) -> list[Setting]:
-        out = []
-        for sampler in self.samplers:
-            for steps in self.steps:
-                for g in self.guidances:
-                    for gi in self.intervals:
-                        o = dataclasses.replace(self.base, num_steps=steps, guidance_scale=g, sampler=sampler,
-                                                guidance_interval=gi)
-                        out.append(Setting(setting_name(o), o))
-        return out
+        grid = itertools.product(self.samplers, self.schedules, self.steps, self.guidances, self.intervals)
+        out = [dataclasses.replace(self.base, sampler=sampler, schedule=schedule, num_steps=steps, guidance_scale=g,
+                                   guidance_interval=gi) for sampler, schedule, steps, g, gi in grid]
+        return [Setting(setting_name(o), o) for o in out]
 
 
 def setting_name(o: DecodingOptions) -> str:
     name = f"{o.sampler}-{o.num_steps}steps-g{o.guidance_scale:g}"
-    return name + ("" if o.guidance_interval is None else "-gi{:g}-{:g}".format(*o.guidance_interval))
+    name += "" if o.guidance_interval is None else "-gi{:g}-{:g}".format(*o.guidance_interval)
+    return name + ("" if o.schedule == samplers.DEFAULT_SCHEDULE else f"-{o.schedule}")
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
@@ -167,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-interval", action="append", metavar="A,B",
                    help="a guidance interval to try (repeat the option for more; 'all' guides at every step) "
                         "(default: all)")
+    p.add_argument("--schedule", default=samplers.DEFAULT_SCHEDULE, metavar="NAME,NAME",
+                   help=f"time schedules to try, of {', '.join(samplers.SCHEDULES)} (default: "
+                        f"{samplers.DEFAULT_SCHEDULE})")
     p.add_argument("--seed", type=int, default=SEED, help=f"the decoder's noise seed, one for every setting "
                                                           f"(default: {SEED})")
     _add_job_options(p)
@@ -239,10 +241,11 @@ def check_args(parser, args) -> SweepOptions:
         return SweepOptions(steps=_grid(parser, "--steps", args.steps, int),
                             samplers=_grid(parser, "--sampler", args.sampler, str),
                             guidances=_grid(parser, "--guidance", args.guidance, float), intervals=intervals,
+                            schedules=_grid(parser, "--schedule", args.schedule, str),
                             base=build(DecodingOptions, seed=args.seed, batch_size=args.decode_batch), job=job)
     except SettingError as e:
         grid = {"steps": "--steps", "samplers": "--sampler", "guidances": "--guidance",
-                "intervals": "--guidance-interval", "grid": "the grid"}
+                "intervals": "--guidance-interval", "schedules": "--schedule", "grid": "the grid"}
         parser.error(f"{grid[e.name]} {e.rule}" if e.name in grid else flag_sentence(e, DecodingOptions))
 
 

@@ -20,7 +20,8 @@ from .errors import MuCodecError
 from .settings import JobOptions
 
 DETAIL = 6  # songs with spectrograms in each setting's report.html (the sweep page has every player)
-CSV_COLUMNS = ("setting", "sampler", "steps", "guidance", "guidance_interval", "dit_passes_per_window", "songs",
+CSV_COLUMNS = ("setting", "sampler", "schedule", "steps", "guidance", "guidance_interval", "dit_passes_per_window",
+               "songs",
                "audio_seconds", "decode_seconds", "decode_seconds_per_minute", "mel_distance", "visqol",
                "pareto_mel", "pareto_visqol")
 
@@ -118,7 +119,7 @@ def table_rows(out: Path, settings: list, job: JobOptions, references: dict, say
         songs[s.name] = score_setting(references, folder, job, say)
         wall, audio = decode_time(folder)
         o = s.options
-        rows.append({"setting": s.name, "sampler": o.sampler, "steps": o.num_steps, "guidance": o.guidance_scale,
+        rows.append({"setting": s.name, "sampler": o.sampler, "schedule": o.schedule, "steps": o.num_steps, "guidance": o.guidance_scale,
                      "guidance_interval": "" if o.guidance_interval is None else "{:g}-{:g}".format(
                          *o.guidance_interval),
                      "dit_passes_per_window": s.dit_passes, "songs": sum(not r["error"] for r in songs[s.name]),

@@ -67,6 +67,17 @@ def test_every_setting_decodes_every_song_and_gets_one_row(swept):
     assert {json.loads((out / n / "fingerprint.json").read_text())["seed"] for n in SETTINGS} == {sweep.SEED}
 
 
+def test_the_grid_names_every_setting_by_what_it_varies():
+    grid = sweep.SweepOptions(steps=(8,), samplers=("ab2",), guidances=(1.0, 1.5), intervals=(None, (0.2, 0.8)),
+                              schedules=("uniform", "cosine"))
+    names = [s.name for s in grid.settings()]
+    assert len(set(names)) == 8 and "ab2-8steps-g1.5-gi0.2-0.8-cosine" in names and "ab2-8steps-g1" in names
+    passes = {s.name: s.dit_passes for s in grid.settings()}
+    # 8 steps meet t = k/8; [0.2, 0.8] holds k = 2..6 (5 guided); the cosine grid's 1 - cos(pi k/16) holds k = 4..6
+    assert passes["ab2-8steps-g1.5"] == 16 and passes["ab2-8steps-g1.5-gi0.2-0.8"] == 13
+    assert passes["ab2-8steps-g1.5-gi0.2-0.8-cosine"] == 11 and passes["ab2-8steps-g1-cosine"] == 8
+
+
 def test_pareto_front_by_hand():
     # (cost, loss): (3, 4) is beaten by (2, 3); equal points beat neither; a NaN is on no front
     points = [(1, 5), (2, 3), (3, 4), (4, 1), (2, 3), (5, math.nan), (6, 1)]
@@ -99,6 +110,7 @@ def test_a_rerun_decodes_nothing_and_keeps_the_times(swept, tiny_ckpt_dir, capsy
     (["--guidance", "0.5"], "--guidance must be a finite number of at least 1"),
     (["--guidance-interval", "0.8,0.2"], "--guidance-interval must be A,B with 0 <= A <= B <= 1"),
     (["--decode-batch", "0"], "--decode-batch must lie in [1, 256]"),
+    (["--schedule", "uniform,karras"], "--schedule must be one of uniform, cosine"),
 ])
 def test_a_bad_grid_value_is_one_sentence_and_exit_2(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as e:
