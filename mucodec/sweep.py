@@ -102,7 +102,10 @@ def decode_all(inputs, out: Path, sweep: SweepOptions, *, progress: bool = False
     job = sweep.job
     tokens = out / TOKENS
     say(f"encoding into {tokens}")
-    library.encode_library(inputs, tokens, EncodingOptions(), job, progress=progress, say=say)
+    # --dtype is the flow decoder's; the encoder runs in float32 whatever it is, so the tokens (and their
+    # fingerprint) stay the same when a later sweep decodes them in another precision
+    library.encode_library(inputs, tokens, EncodingOptions(), dataclasses.replace(job, dtype="float32"),
+                           progress=progress, say=say)
     songs = library.scan_tokens([tokens])[0]
     codec, reports = None, {}
     for s in sweep.settings():
