@@ -12,7 +12,7 @@ import soundfile as sf
 
 pytest.importorskip("visqol", reason="the evaluation extra is not installed (pip install -r requirements-eval.txt)")
 
-from mucodec import sweep, sweep_score  # noqa: E402
+from mucodec import library, sweep, sweep_score  # noqa: E402
 from test_evaluate import SR, browser, music  # noqa: E402
 
 SONGS = {"a": 2.0, "sub/b": 2.5}  # name -> seconds
@@ -182,3 +182,32 @@ def test_without_the_evaluation_extra_the_mel_distance_alone(swept, monkeypatch)
     # the same numbers as the evaluation's, and no ViSQOL
     assert {r["path"]: r["mel_distance"] for r in rows} == pytest.approx(evaluated)
     assert all(math.isnan(r["visqol"]) and not r["error"] for r in rows)
+
+
+@pytest.mark.slow  # 40-80 s on a busy 2-core machine: a second sweep, in two shards
+def test_shards_decode_their_share_and_a_last_run_tables_them(tmp_path, tiny_ckpt_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sweep_score, "DETAIL", 0)
+    music_dir, out = tmp_path / "music", tmp_path / "out"
+    songs = {"c": 2.0, "sub/b": 2.5}  # job 1 of 2 gets c, job 2 sub/b (by their ids)
+    assert [library.in_shard(library.song_id(f"{n}.wav"), (1, 2)) for n in songs] == [True, False]
+    for k, (name, seconds) in enumerate(songs.items()):
+        (music_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(music_dir / f"{name}.wav", music(seconds, k).T.numpy(), SR)
+    for shard in ("1/2", "2/2"):
+        assert run(music_dir, out, tiny_ckpt_dir, "--shard", shard) == 0
+        assert not (out / "sweep.csv").exists()  # a shard decodes; the table waits for the whole
+        i = shard[0]
+        for name in SETTINGS:
+            t = json.loads((out / name / f"timing-{i}-of-2.json").read_text())
+            # the decode report's hours are rounded to 1e-6 h: 3.6 ms
+            assert t["audio_seconds"] == pytest.approx(list(songs.values())[int(i) - 1], abs=1.8e-3)
+    capsys.readouterr()
+    assert run(music_dir, out, tiny_ckpt_dir, quiet=False) == 0
+    err = capsys.readouterr().err
+    assert "loading the MuCodec decoder" not in err and "0 to decode" in err
+    rows = table(out)
+    for name in SETTINGS:
+        shards = [json.loads(f.read_text()) for f in sorted((out / name).glob("timing-*-of-2.json"))]
+        assert float(rows[name]["audio_seconds"]) == pytest.approx(sum(songs.values()), abs=3.6e-3)
+        assert float(rows[name]["decode_seconds"]) == pytest.approx(sum(t["wall_seconds"] for t in shards))
+        assert int(rows[name]["songs"]) == len(songs)
