@@ -55,8 +55,8 @@ class Setting:
 @dataclass(frozen=True)
 class SweepOptions:
     """The grid (``steps`` x ``samplers`` x ``guidances`` x ``intervals`` x ``schedules``; an interval of None
-    guides at every step), the decoding options they vary (``base``: seed, batch, vocoder) and the job's. Checked once here:
-    each grid value through :class:`DecodingOptions`, whose SettingError names it."""
+    guides at every step), the decoding options they vary (``base``: seed, batch, vocoder) and the job's.
+    Checked once here: each grid value through :class:`DecodingOptions`, whose SettingError names it."""
 
     steps: tuple = STEPS
     samplers: tuple = SAMPLERS
@@ -229,8 +229,8 @@ def _grid(parser, flag: str, text: str, kind) -> tuple:
     try:
         return tuple(kind(v.strip()) for v in text.split(","))
     except ValueError:
-        parser.error(f"{flag} takes values separated by commas, e.g. {parser.get_default(flag[2:].replace('-', '_'))}; "
-                     f"got {text!r}")
+        example = parser.get_default(flag[2:].replace("-", "_")) or "0.2,0.8"
+        parser.error(f"{flag} takes values separated by commas, e.g. {example}; got {text!r}")
 
 
 def check_args(parser, args) -> SweepOptions:

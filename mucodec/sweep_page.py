@@ -72,7 +72,8 @@ def plot(rows: list[dict], metric: str) -> str:
                      f"<title>{name}: {x:.3g} s/min, {y:.4g}</title></circle>")
         if on:  # the others are named by their tooltip and the table: labels of close points would overlap
             parts.append(f'<text x="{fx(x) + 7:.1f}" y="{fy(y) - 5:.1f}">{name}</text>')
-    return (f'<svg class="plot" data-metric="{metric}" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
+    return (f'<svg class="plot" data-metric="{metric}" width="{WIDTH}" height="{HEIGHT}" '
+            f'viewBox="0 0 {WIDTH} {HEIGHT}" '
             f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{html.escape(title)}">{"".join(parts)}</svg>')
 
 

@@ -119,9 +119,9 @@ def table_rows(out: Path, settings: list, job: JobOptions, references: dict, say
         songs[s.name] = score_setting(references, folder, job, say)
         wall, audio = decode_time(folder)
         o = s.options
-        rows.append({"setting": s.name, "sampler": o.sampler, "schedule": o.schedule, "steps": o.num_steps, "guidance": o.guidance_scale,
-                     "guidance_interval": "" if o.guidance_interval is None else "{:g}-{:g}".format(
-                         *o.guidance_interval),
+        interval = "" if o.guidance_interval is None else "{:g}-{:g}".format(*o.guidance_interval)
+        rows.append({"setting": s.name, "sampler": o.sampler, "schedule": o.schedule, "steps": o.num_steps,
+                     "guidance": o.guidance_scale, "guidance_interval": interval,
                      "dit_passes_per_window": s.dit_passes, "songs": sum(not r["error"] for r in songs[s.name]),
                      "audio_seconds": audio, "decode_seconds": wall,
                      "decode_seconds_per_minute": 60 * wall / audio if audio else math.nan,
