@@ -274,7 +274,7 @@ class MuCodec:
         with self._autocast(), self._visiting(self.flow):
             latents = self.flow.sample(z_q, true_latents, self.config.window_latents, incontext, x0, opts.num_steps,
                                        opts.guidance_scale, callback=callback, sampler=opts.sampler,
-                                       guidance_interval=opts.guidance_interval).float()
+                                       guidance_interval=opts.guidance_interval, schedule=opts.schedule).float()
         self._check_finite(latents, "flow", "The flow decoder")
         return latents
 

@@ -277,7 +277,7 @@ def evaluate(pairing: Pairing, out, *, settings: dict | None = None, workers: in
     except OSError as e:
         raise OutputError(f"Cannot create the output folder {out}: {e.strerror or e}.") from None
     csv_path = out / "metrics.csv"
-    rows, todo = _scored_before(pairing, read_rows(csv_path))
+    rows, todo = scored_before(pairing, read_rows(csv_path))
     say(f"{len(pairing.pairs)} pairs: {len(rows)} scored before, {len(todo)} to score")
     workers = default_workers() if workers is None else workers
 
@@ -313,7 +313,7 @@ def evaluate(pairing: Pairing, out, *, settings: dict | None = None, workers: in
     return ev
 
 
-def _scored_before(pairing: Pairing, old: dict) -> tuple[dict, list]:
+def scored_before(pairing: Pairing, old: dict) -> tuple[dict, list]:
     """({path: row} of the pairs metrics.csv already holds for these very files, [the pairs to score])."""
     rows, todo = {}, []
     for p in pairing.pairs:

@@ -115,14 +115,16 @@ class FlowDecoder(nn.Module):
     def sample(self, z_q: torch.Tensor, true_latents: torch.Tensor, latent_length: int, incontext_length: int,
                noise: torch.Tensor, num_steps: int, guidance_scale: float,
                callback: Optional[Callable[[int, int], None]] = None, sampler: str = samplers.DEFAULT_SAMPLER,
-               guidance_interval: Optional[tuple] = None) -> torch.Tensor:
+               guidance_interval: Optional[tuple] = None,
+               schedule: str = samplers.DEFAULT_SCHEDULE) -> torch.Tensor:
         """Decode one window: z_q (B, cond_dim, 2F), true_latents / noise (B, C, F, W) -> latents (B, C, F, W).
 
         ``true_latents`` (un-normalised) supplies the first ``incontext_length`` frames as the
         in-context prefix; ``noise`` is x at t = 0 (the caller owns the RNG). Frames at or past
         ``max(latent_length, incontext_length)`` get ``zero_cond_embedding1`` as condition.
         ``guidance_scale > 1`` runs classifier-free guidance (only at t inside ``guidance_interval``
-        (a, b) when given); ``sampler`` names the ODE solver (:mod:`samplers`); ``callback(step,
+        (a, b) when given); ``sampler`` names the ODE solver and ``schedule`` its time grid
+        (:mod:`samplers`); ``callback(step,
         num_steps)`` is called after each step.
         """
         with torch.no_grad():
@@ -140,11 +142,12 @@ class FlowDecoder(nn.Module):
             prefix = self.normfeat.project(true_latents) * prefix_mask.to(true_latents.dtype)
             n_prefix = (int(prefix_mask.sum()) if prefix_mask.shape[0] == 1
                         else prefix_mask.reshape(-1, f).sum(1).tolist())
-            if sampler == samplers.DEFAULT_SAMPLER and guidance_interval is None:  # the official solver
+            if (sampler, schedule, guidance_interval) == (samplers.DEFAULT_SAMPLER, samplers.DEFAULT_SCHEDULE,
+                                                          None):  # the official solver
                 x = self.solve_euler(noise, prefix, n_prefix, cond, num_steps, guidance_scale, callback)
             else:
                 x = self.solve(noise, prefix, n_prefix, cond, num_steps, guidance_scale, callback, sampler,
-                               guidance_interval)
+                               guidance_interval, schedule)
             x = torch.where(_prefix_mask(n_prefix, x), prefix, x)
             return self.normfeat.unproject(x)
 
@@ -156,7 +159,8 @@ class FlowDecoder(nn.Module):
 
     def solve(self, noise: torch.Tensor, prefix: torch.Tensor, n_prefix: int, cond: torch.Tensor,
               num_steps: int, guidance_scale: float, callback: Optional[Callable[[int, int], None]] = None,
-              sampler: str = samplers.DEFAULT_SAMPLER, guidance_interval: Optional[tuple] = None) -> torch.Tensor:
+              sampler: str = samplers.DEFAULT_SAMPLER, guidance_interval: Optional[tuple] = None,
+              schedule: str = samplers.DEFAULT_SCHEDULE) -> torch.Tensor:
         """Integrate dx/dt = v(x, t) from t = 0 (x = noise) to 1 with ``sampler``; all (B, C, F, W).
 
         Every evaluation first resets the prefix frames to the straight path between noise and prefix;
@@ -169,7 +173,7 @@ class FlowDecoder(nn.Module):
         ``guidance_interval`` (a, b), evaluations at t outside [a, b] run the conditional items alone.
         """
         b = noise.shape[0]
-        grid = samplers.time_grid(num_steps, noise.device)
+        grid = samplers.time_grid(num_steps, noise.device, schedule=schedule)
         in_prefix = _prefix_mask(n_prefix, noise)
         guided = guidance_scale > 1.0
         if guided:  # batch = [unconditional (zero condition) items, conditional items]

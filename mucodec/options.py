@@ -64,6 +64,9 @@ def _add_decoder_options(p: argparse.ArgumentParser, ext: str) -> None:
     p.add_argument("--guidance-interval", metavar="A,B", default=None,
                    help="guidance only at flow times t in [A, B] (0 <= A <= B <= 1); elsewhere the DiT runs "
                         "without the unconditional half, at half the batch (default: guidance at every step)")
+    p.add_argument("--schedule", choices=samplers.SCHEDULES, default=None,
+                   help="flow times the steps meet: uniform (the official grid) or cosine (small steps near t = 0, "
+                        f"where the flow leaves the noise); docs/sampling.md (default: {samplers.DEFAULT_SCHEDULE})")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed for the decoder's noise, applied to each file (default: random)")
     p.add_argument("--device", default="auto",
@@ -159,7 +162,7 @@ class Settings:
 # The flag that sets each field, for errors in the words of the command line.
 _FLAGS = {DecodingOptions: {"num_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
                             "batch_size": "--decode-batch", "sampler": "--sampler",
-                            "guidance_interval": "--guidance-interval"},
+                            "guidance_interval": "--guidance-interval", "schedule": "--schedule"},
           EncodingOptions: {"batch_size": "--batch-size"},
           JobOptions: {"shard_size": "--shard-size", "workers": "--workers", "address": "--address",
                        "shard": "--shard"}}
@@ -169,21 +172,27 @@ _FLAGS = {DecodingOptions: {"num_steps": "--steps", "guidance_scale": "--guidanc
 _RULES = {"guidance_interval": "must be A,B with 0 <= A <= B <= 1, e.g. 0.2,0.8"}
 
 
-def _settings(parser: argparse.ArgumentParser, cls, **values):
+def flag_sentence(e: SettingError, cls) -> str:
+    """A setting's error in the words of the command line: its flag and its rule."""
+    return f"{_FLAGS[cls].get(e.name, e.name)} {_RULES.get(e.name, e.rule)}"
+
+
+def checked(parser: argparse.ArgumentParser, cls, **values):
+    """``build(cls, **values)``, or exit 2 with the setting's error in the words of the command line."""
     try:
         return build(cls, **values)
     except SettingError as e:
-        parser.error(f"{_FLAGS[cls].get(e.name, e.name)} {_RULES.get(e.name, e.rule)}")
+        parser.error(flag_sentence(e, cls))
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> Settings:
     """Everything about the command line that can be wrong, found before any file is touched (exit 2);
     returns the run's settings."""
     interval = None if args.guidance_interval is None else args.guidance_interval.split(",")
-    decoding = _settings(parser, DecodingOptions, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+    decoding = checked(parser, DecodingOptions, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                          fast_vocoder=not args.official_vocoder, batch_size=args.decode_batch, sampler=args.sampler,
-                         guidance_interval=interval)
-    encoding = _settings(parser, EncodingOptions, batch_size=args.batch_size)
+                         guidance_interval=interval, schedule=args.schedule)
+    encoding = checked(parser, EncodingOptions, batch_size=args.batch_size)
     if args.encode and args.prompt:
         parser.error("--prompt guides the decoder; it has no effect with --encode")
     if args.encode and args.evaluate:
@@ -207,6 +216,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> Settings:
                                           ("--offload", args.offload),
                                           ("--sampler", args.sampler is not None),
                                           ("--guidance-interval", args.guidance_interval is not None),
+                                          ("--schedule", args.schedule is not None),
                                           ("--audioldm-dtype", args.audioldm_dtype != "float32")) if on]
     if decode_flags and args.encode:
         parser.error(f"{decode_flags[0]} is an option of decoding; it has no effect with --encode")
@@ -215,7 +225,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> Settings:
             args.shard = library.parse_shard(args.shard)
         except ArgumentError as e:
             parser.error(str(e))
-    job = _settings(parser, JobOptions, ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=args.dtype,
+    job = checked(parser, JobOptions, ckpt=args.ckpt, revision=args.revision, device=args.device, dtype=args.dtype,
                     audioldm_dtype=args.audioldm_dtype, offload=args.offload,
                     audio_format=None if args.audio_format == "auto" else args.audio_format,
                     token_format=None if args.format == "auto" else args.format, shard_size=args.shard_size,

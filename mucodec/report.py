@@ -43,7 +43,7 @@ document.querySelectorAll('table.songs th').forEach((th, col) => th.addEventList
   rows.forEach(r => body.appendChild(r));
 }));
 """
-_STYLE = """
+STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; }
 td, th { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }
@@ -109,19 +109,19 @@ def histogram_image(values: list[float]) -> str:
     return _embed(fig)
 
 
-def _href(file: str, out: Path) -> str:
+def href(file: str, out: Path) -> str:
     rel = os.path.relpath(os.path.abspath(file), os.path.abspath(out))
     return html.escape(urllib.parse.quote(Path(rel).as_posix()))
 
 
-def _num(v, digits: int = 3) -> str:
+def num(v, digits: int = 3) -> str:
     return "" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.{digits}f}"
 
 
 def _cell(v, digits: int = 3, cls: str = "") -> str:
     """A table cell whose data-v is what the column sorts by (empty for a missing number)."""
     if isinstance(v, (int, float)):
-        key, text = ("" if math.isnan(v) else repr(float(v))), _num(v, digits)
+        key, text = ("" if math.isnan(v) else repr(float(v))), num(v, digits)
     else:
         key = text = str(v)
     attr = f" class={cls}" if cls else ""
@@ -132,8 +132,8 @@ def _summary_table(summary: dict) -> str:
     rows = ["<tr><th class=name>metric</th><th>n</th><th>mean</th><th>median</th><th>95 % CI of the mean</th></tr>"]
     for m, s in summary["metrics"].items():
         ci = f"{s['ci95'][0]:.3f} .. {s['ci95'][1]:.3f}" if s["n"] else ""
-        rows.append(f"<tr><td class=name>{LABELS[m]}</td><td>{s['n']}</td><td>{_num(s['mean'])}</td>"
-                    f"<td>{_num(s['median'])}</td><td>{ci}</td></tr>")
+        rows.append(f"<tr><td class=name>{LABELS[m]}</td><td>{s['n']}</td><td>{num(s['mean'])}</td>"
+                    f"<td>{num(s['median'])}</td><td>{ci}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -154,8 +154,8 @@ def _songs_table(rows: list[dict], out: Path) -> str:
         cells = [_cell(r["path"], cls="name")]
         cells += [_cell(r[m], 0 if m == "bitrate_bps" else 3) for m in LABELS]
         cells.append(_cell(r["ref_seconds"], 1))
-        cells.append(f'<td class=name data-v=""><a href="{_href(r["reference"], out)}">ref</a> '
-                     f'<a href="{_href(r["reconstruction"], out)}">rec</a></td>')
+        cells.append(f'<td class=name data-v=""><a href="{href(r["reference"], out)}">ref</a> '
+                     f'<a href="{href(r["reconstruction"], out)}">rec</a></td>')
         cells.append(f'<td class="name err" data-v="{html.escape(r["error"])}">{html.escape(r["error"])}</td>')
         out_rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "".join(f'<th{" class=name" if h in ("song", "audio", "error") else ""}>{html.escape(h)}</th>'
@@ -169,10 +169,10 @@ def _detail(row: dict, out: Path) -> str:
         picture = f'<img alt="log-mel spectrograms of {html.escape(row["path"])}" src="{spectrogram_image(ref, deg)}">'
     except Exception as e:  # a file changed since it was scored: the page still gets written
         picture = f"<p class=err>No spectrogram: {html.escape(str(e))}</p>"
-    players = "".join(f'<div>{what} <audio controls preload=none src="{_href(row[key], out)}"></audio></div>'
+    players = "".join(f'<div>{what} <audio controls preload=none src="{href(row[key], out)}"></audio></div>'
                       for what, key in (("reference", "reference"), ("reconstruction", "reconstruction")))
-    return (f'<div class=song><h3>{html.escape(row["path"])} &mdash; ViSQOL {_num(row["visqol"], 2)}, '
-            f'mel distance {_num(row["mel_distance"])}</h3>{picture}{players}</div>')
+    return (f'<div class=song><h3>{html.escape(row["path"])} &mdash; ViSQOL {num(row["visqol"], 2)}, '
+            f'mel distance {num(row["mel_distance"])}</h3>{picture}{players}</div>')
 
 
 def render(ev, detail: int = DETAIL) -> str:
@@ -188,7 +188,7 @@ def render(ev, detail: int = DETAIL) -> str:
                                         ("Reconstructions without a reference", summary["extra"])) if names)
     return f"""<!DOCTYPE html>
 <html lang=en><head><meta charset=utf-8><title>MuCodec evaluation: {len(rows)} songs</title>
-<style>{_STYLE}</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>MuCodec evaluation</h1>
 <p>{html.escape(ev.verdict(where=False))}.</p>{lists}
 <h2>Summary</h2>{_summary_table(summary)}

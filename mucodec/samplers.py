@@ -15,8 +15,10 @@ evaluated (the flow decoder resets the in-context prefix frames of ``x`` to thei
   the straight-path flows of flow matching this is the velocity form of a second-order multistep
   solver such as DPM-Solver++(2M), without its log-SNR change of variable (undefined at t = 0).
 
-All three use the official time grid: t accumulated in float32 as ``t += dt`` with
-``dt = t_span[k + 1] - t`` over ``linspace(0, 1, num_steps + 1)``.
+All three step over a time grid accumulated as the official one is: t in float32 as ``t += dt`` with
+``dt = t_span[k + 1] - t``. The schedule picks ``t_span``: ``uniform``, the official
+``linspace(0, 1, num_steps + 1)``, or ``cosine``, ``1 - cos(pi/2 * k / num_steps)``: small steps near t = 0,
+where the flow leaves the noise, large ones near t = 1.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ DEFAULT_SAMPLER = "euler"
 # DiT evaluations per step of each solver (with guidance active, each evaluation is a batch of 2B)
 EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "ab2": 1}
 
+SCHEDULES = ("uniform", "cosine")
+DEFAULT_SCHEDULE = "uniform"
+
 # far above float32 rounding of the accumulated t (~1e-7), far below any step (at most 1000 per window)
 TIME_SLACK = 1e-5
 INTERVAL_RULE = "must be two numbers (a, b) with 0 <= a <= b <= 1"
@@ -45,6 +50,15 @@ def check_sampler(name) -> str:
         return DEFAULT_SAMPLER
     if name not in SAMPLERS:
         raise SettingError("sampler", f"must be one of {', '.join(SAMPLERS)}", name)
+    return name
+
+
+def check_schedule(name) -> str:
+    """A schedule name, ``DEFAULT_SCHEDULE`` for None; else SettingError."""
+    if name is None:
+        return DEFAULT_SCHEDULE
+    if name not in SCHEDULES:
+        raise SettingError("schedule", f"must be one of {', '.join(SCHEDULES)}", name)
     return name
 
 
@@ -79,20 +93,26 @@ def evaluations(sampler: str, num_steps: int) -> int:
     return EVALUATIONS_PER_STEP[sampler] * num_steps
 
 
-def dit_rows(sampler: str, num_steps: int, guidance_scale: float, guidance_interval: Optional[tuple] = None) -> list:
+def dit_rows(sampler: str, num_steps: int, guidance_scale: float, guidance_interval: Optional[tuple] = None,
+             schedule: str = DEFAULT_SCHEDULE) -> list:
     """Batch rows per song of each DiT evaluation of one window: 2 where guidance runs, else 1."""
     times = []
-    for t, dt in time_grid(num_steps):
+    for t, dt in time_grid(num_steps, schedule=schedule):
         times += [t, t + dt] if sampler == "heun" else [t]
     return [2 if guidance_scale > 1 and guided_at(t, guidance_interval) else 1 for t in times]
 
 
-def time_grid(num_steps: int, device=None, dtype=torch.float32) -> list:
+def time_grid(num_steps: int, device=None, dtype=torch.float32, schedule: str = DEFAULT_SCHEDULE) -> list:
     """[(t, dt)] per step as 0-d tensors, accumulated exactly as the official solver accumulates them
-    (so 3 steps evaluate at 0, 0.33333334, 0.6666666 in float32)."""
+    (so 3 uniform steps evaluate at 0, 0.33333334, 0.6666666 in float32)."""
     if num_steps < 1:
         raise ValueError("num_steps must be >= 1")
-    t_span = torch.linspace(0, 1, num_steps + 1, device=device, dtype=dtype)
+    if check_schedule(schedule) == "uniform":
+        t_span = torch.linspace(0, 1, num_steps + 1, device=device, dtype=dtype)
+    else:  # computed in float64, then rounded once: the ends are exactly 0 and 1
+        k = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        t_span = (1 - torch.cos(0.5 * math.pi * k)).to(device=device, dtype=dtype)
+        t_span[-1] = 1
     t, dt = t_span[0], t_span[1] - t_span[0]
     grid = []
     for step in range(1, num_steps + 1):

@@ -1,7 +1,7 @@
 """The settings of every job: one frozen dataclass each, built once, checked once, passed down unchanged.
 
     DecodingOptions   how tokens become audio: num_steps, guidance_scale, seed, fast_vocoder, sampler,
-                      guidance_interval, batch_size
+                      guidance_interval, schedule, batch_size
     EncodingOptions   how audio becomes tokens: batch_size
     JobOptions        where and how a library job runs: weights, device, precision, output format, shards, engine
 
@@ -77,7 +77,8 @@ class DecodingOptions:
     and skips the unconditional pass). ``seed``: the noise's seed; None draws fresh noise. ``fast_vocoder``:
     each mel frame through the vocoder once plus the chunk edges (the official overlapping chunks otherwise; the
     same audio up to float rounding). ``sampler``: the ODE solver (:mod:`samplers`: euler, the official one,
-    heun or ab2); ``guidance_interval`` (a, b): guidance only at flow times in [a, b] (None: everywhere).
+    heun or ab2); ``guidance_interval`` (a, b): guidance only at flow times in [a, b] (None: everywhere);
+    ``schedule``: the flow times the steps meet (uniform, the official one, or cosine: denser near t = 0).
     ``batch_size``: songs a decode job steps together (speed only).
     """
 
@@ -87,6 +88,7 @@ class DecodingOptions:
     fast_vocoder: bool = True
     sampler: str = samplers.DEFAULT_SAMPLER
     guidance_interval: tuple[float, float] | None = None
+    schedule: str = samplers.DEFAULT_SCHEDULE
     batch_size: int = field(default=DECODE_BATCH, metadata=SPEED_ONLY)
 
     def __post_init__(self):
@@ -101,6 +103,7 @@ class DecodingOptions:
         _set(self, "fast_vocoder", bool(self.fast_vocoder))
         _set(self, "sampler", samplers.check_sampler(self.sampler))
         _set(self, "guidance_interval", samplers.check_guidance_interval(self.guidance_interval))
+        _set(self, "schedule", samplers.check_schedule(self.schedule))
         _set(self, "batch_size", whole_number("batch_size", self.batch_size, 1, MAX_BATCH))
 
     def for_task(self, task: str) -> DecodingOptions:

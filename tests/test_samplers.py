@@ -18,7 +18,7 @@ import torch
 import helpers
 from mucodec import decoding, samplers
 from mucodec.codec import MuCodec
-from mucodec.errors import ArgumentError, OutputError
+from mucodec.errors import ArgumentError, OutputError, SettingError
 from mucodec.settings import DecodingOptions, build
 
 
@@ -37,12 +37,13 @@ def one_thread():
 X0 = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
 
 
-def gaussian_error(sampler: str, steps: int) -> float:
+def gaussian_error(sampler: str, steps: int, schedule: str = "uniform") -> float:
     """|x(1) - x0 exp(-1)| for dx/dt = -2 t x solved from x0 at t = 0.
 
     (On dx/dt = x cos t, AB2's second-order error term and that of its Euler start nearly cancel, so its
     error there falls faster than 4x for a while: an ODE where they do not is the cleaner measure.)"""
-    x = samplers.solve(sampler, lambda x, t: (x, -2 * t * x), X0.clone(), samplers.time_grid(steps, dtype=torch.float64))
+    grid = samplers.time_grid(steps, dtype=torch.float64, schedule=schedule)
+    x = samplers.solve(sampler, lambda x, t: (x, -2 * t * x), X0.clone(), grid)
     return float((x - X0 * math.exp(-1.0)).norm())
 
 
@@ -51,6 +52,29 @@ def test_convergence_order(sampler, order):
     errors = [gaussian_error(sampler, n) for n in (16, 32, 64)]
     ratios = [errors[i] / errors[i + 1] for i in range(2)]
     assert all(0.9 * 2 ** order <= r <= 1.1 * 2 ** order for r in ratios), (errors, ratios)
+
+
+@pytest.mark.parametrize("sampler,order", [("euler", 1), ("heun", 2), ("ab2", 2)])
+def test_convergence_order_on_the_cosine_schedule(sampler, order):
+    errors = [gaussian_error(sampler, n, "cosine") for n in (16, 32, 64)]
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert all(0.9 * 2 ** order <= r <= 1.1 * 2 ** order for r in ratios), (errors, ratios)
+
+
+def test_cosine_schedule_is_denser_near_noise():
+    n = 4
+    grid = samplers.time_grid(n, schedule="cosine")
+    ts, dts = [float(t) for t, _ in grid], [float(dt) for _, dt in grid]
+    # t_k = 1 - cos(pi/2 k/n), by hand: 0, 1 - cos(pi/8), 1 - cos(pi/4), 1 - cos(3 pi/8)
+    assert ts == pytest.approx([1 - math.cos(math.pi / 8 * k) for k in range(n)], abs=1e-7)
+    assert all(a < b for a, b in zip(dts, dts[1:])) and dts[0] < 1 / n < dts[-1]
+    assert float(grid[-1][0] + grid[-1][1]) == 1.0
+    # uniform stays the official grid, and the default
+    assert [float(t) for t, _ in samplers.time_grid(3, schedule="uniform")] == \
+        [float(t) for t, _ in samplers.time_grid(3)]
+    assert DecodingOptions().schedule == "uniform"
+    with pytest.raises(SettingError, match="schedule must be one of uniform, cosine"):
+        DecodingOptions(schedule="karras")
 
 
 def test_time_grid_is_the_official_accumulation():
@@ -80,10 +104,10 @@ def window(codec, items: int = 1, seed: int = 0):
     return z_q, torch.randn(shape, generator=g), torch.randn(shape, generator=g)
 
 
-def solve_window(flow, inputs, steps, sampler="euler", guidance=1.5, interval=None):
+def solve_window(flow, inputs, steps, sampler="euler", guidance=1.5, interval=None, schedule="uniform"):
     z_q, true_latents, noise = inputs
     return flow.sample(z_q, true_latents, FRAMES, PREFIX, noise, steps, guidance, sampler=sampler,
-                       guidance_interval=interval)
+                       guidance_interval=interval, schedule=schedule)
 
 
 def test_second_order_solvers_beat_euler_at_equal_evaluations(tiny_codec):
@@ -122,6 +146,23 @@ def test_dit_rows_per_evaluation(tiny_codec, sampler, steps, interval, rows):
     assert [n for n, _ in calls] == rows
     assert [2 * r for r in samplers.dit_rows(sampler, steps, 1.5, interval)] == rows  # 2 songs
     assert all(len(t) == n and len(set(t)) == 1 for n, t in calls)
+
+
+def test_the_schedule_reaches_the_dit(tiny_codec):
+    cosine = [float(t) for t, _ in samplers.time_grid(4, schedule="cosine")]
+    _, calls = counted(tiny_codec, steps=4, sampler="ab2", schedule="cosine")
+    assert [t[0] for _, t in calls] == cosine
+    # from the options of a decode, through the codec
+    cfg, seen = tiny_codec.config, []
+    hook = tiny_codec.flow.estimator.register_forward_pre_hook(lambda m, args: seen.append(float(args[1][0])))
+    try:
+        codes = torch.zeros(1, 1, cfg.window_latents * tiny_codec.flow.cfg.codes_per_frame, dtype=torch.long)
+        shape = (1, tiny_codec.flow.cfg.latent_channels, cfg.window_latents, tiny_codec.flow.cfg.freq_bins)
+        tiny_codec.decode_window(codes, torch.zeros(shape), 0, torch.randn(shape),
+                                 DecodingOptions(num_steps=4, guidance_scale=1.0, schedule="cosine"))
+    finally:
+        hook.remove()
+    assert seen == cosine
 
 
 def test_guidance_one_runs_only_the_conditional_half(tiny_codec):
@@ -188,6 +229,20 @@ def test_a_song_in_a_batch_equals_it_alone(tiny_codec, monkeypatch, sampler, ste
     for k, codes in enumerate(songs):
         alone = tiny_codec.code2sound(codes, num_steps=steps, seed=k, sampler=sampler, guidance_interval=interval)
         assert torch.equal(torch.cat(pieces[k], -1), alone)
+
+
+def test_a_song_in_a_batch_equals_it_alone_on_the_cosine_schedule(tiny_codec, monkeypatch):
+    monkeypatch.setattr(MuCodec, "latents_to_wave", cheap_wave)
+    songs = [torch.randint(0, 16384, (n,), generator=torch.Generator().manual_seed(n)) for n in (60, 40)]
+    opts = DecodingOptions(num_steps=2, sampler="ab2", schedule="cosine")
+    batch = [decoding.start_decode(tiny_codec, codes, seed=k) for k, codes in enumerate(songs)]
+    pieces = decoding.decode_step(tiny_codec, batch, opts)
+    for k, codes in enumerate(songs):
+        alone = decoding.decode_step(tiny_codec, [decoding.start_decode(tiny_codec, codes, seed=k)], opts)
+        assert torch.equal(torch.cat(pieces[k], -1), torch.cat(alone[0], -1))
+    uniform = decoding.decode_step(tiny_codec, [decoding.start_decode(tiny_codec, songs[0], seed=0)],
+                                   DecodingOptions(num_steps=2, sampler="ab2"))
+    assert not torch.equal(torch.cat(uniform[0], -1), torch.cat(pieces[0], -1))  # the schedule made a difference
 
 
 @pytest.mark.parametrize("kw,words", [
