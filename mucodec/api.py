@@ -76,7 +76,8 @@ def sound2code(audio, *, sample_rate: int | None = None, batch_size: int | None 
 
 def code2sound(codes, *, num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
                prompt_sample_rate: int | None = None, seed: int | None = None, generator=None, noise=None,
-               fast_vocoder: bool = True, sampler: str | None = None, guidance_interval=None) -> torch.Tensor:
+               fast_vocoder: bool = True, sampler: str | None = None, guidance_interval=None,
+               schedule: str | None = None) -> torch.Tensor:
     """Decode MuCodec codes into music with the current model (see :meth:`MuCodec.code2sound`).
 
     ``codes``: LongTensor (1, 1, T) / (T,), or the path of a ``.mct`` token file (the output is then
@@ -84,22 +85,23 @@ def code2sound(codes, *, num_steps: int | None = None, guidance_scale: float | N
     (default 20, the official code2sound); ``guidance_scale``: classifier-free guidance (1.5);
     ``prompt``: optional reference audio (path or waveform), up to 10.24 s used; ``seed`` makes the
     result reproducible; ``sampler`` ('euler', the official one, 'heun' or 'ab2') and
-    ``guidance_interval`` (a, b) trade quality for DiT evaluations (docs/sampling.md). Returns a
-    float tensor (2, T * 1920): 48 kHz stereo.
+    ``guidance_interval`` (a, b) and ``schedule`` ('uniform', the official one, or 'cosine') trade quality
+    for DiT evaluations (docs/sampling.md). Returns a float tensor (2, T * 1920): 48 kHz stereo.
     """
     return current_model().code2sound(codes, num_steps=num_steps, guidance_scale=guidance_scale, prompt=prompt,
                                       prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator,
                                       noise=noise, fast_vocoder=fast_vocoder, sampler=sampler,
-                                      guidance_interval=guidance_interval)
+                                      guidance_interval=guidance_interval, schedule=schedule)
 
 
 def sound2sound(audio, *, sample_rate: int | None = None, batch_size: int | None = None,
                 num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
                 prompt_sample_rate: int | None = None, seed: int | None = None, generator=None, noise=None,
-                fast_vocoder: bool = True, sampler: str | None = None, guidance_interval=None) -> torch.Tensor:
+                fast_vocoder: bool = True, sampler: str | None = None, guidance_interval=None,
+                schedule: str | None = None) -> torch.Tensor:
     """Encode then decode (the official sound2sound, 50 steps): (2, N) at 48 kHz, N as the input."""
     return current_model().sound2sound(audio, sample_rate=sample_rate, batch_size=batch_size, num_steps=num_steps,
                                        guidance_scale=guidance_scale, prompt=prompt,
                                        prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator,
                                        noise=noise, fast_vocoder=fast_vocoder, sampler=sampler,
-                                       guidance_interval=guidance_interval)
+                                       guidance_interval=guidance_interval, schedule=schedule)

@@ -187,7 +187,8 @@ def decode_step(codec, songs: list[SongDecode], opts: DecodingOptions, callback=
 def code2sound(codec, codes, *, num_steps: int | None = None, guidance_scale: float | None = None,
                prompt=None, prompt_sample_rate: int | None = None, seed: int | None = None,
                generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True,
-               sampler: str | None = None, guidance_interval=None) -> torch.Tensor:
+               sampler: str | None = None, guidance_interval=None,
+               schedule: str | None = None) -> torch.Tensor:
     """Codes -> audio (2, T * 1920) float32 at 48 kHz on the CPU, as the official ``code2sound``.
 
     ``codes``: LongTensor (1, 1, T), (1, T) or (T,) of integers in [0, 16384), or the path of a
@@ -205,17 +206,20 @@ def code2sound(codec, codes, *, num_steps: int | None = None, guidance_scale: fl
     the official one), ``heun`` (2 DiT evaluations per step) or ``ab2`` (:mod:`samplers`).
     ``guidance_interval`` (a, b) in [0, 1]: guidance only at flow times t in [a, b]; elsewhere the
     DiT runs the conditional half alone (half the batch). Default: guidance at every evaluation.
+    ``schedule``: the flow times of the steps, ``uniform`` (default, the official one) or ``cosine``
+    (denser near t = 0; docs/sampling.md).
     """
     return torch.cat(list(codec.iter_decode(
         codes, num_steps=num_steps, guidance_scale=guidance_scale, prompt=prompt,
         prompt_sample_rate=prompt_sample_rate, seed=seed, generator=generator, noise=noise,
-        fast_vocoder=fast_vocoder, sampler=sampler, guidance_interval=guidance_interval)), -1)
+        fast_vocoder=fast_vocoder, sampler=sampler, guidance_interval=guidance_interval, schedule=schedule)), -1)
 
 
 def iter_decode(codec, codes, *, num_samples: int | None = None, num_steps: int | None = None,
                 guidance_scale: float | None = None, prompt=None, prompt_sample_rate: int | None = None,
                 seed: int | None = None, generator: torch.Generator | None = None, noise=None,
-                fast_vocoder: bool = True, sampler: str | None = None, guidance_interval=None):
+                fast_vocoder: bool = True, sampler: str | None = None, guidance_interval=None,
+                schedule: str | None = None):
     """:func:`code2sound` as a stream: yields (2, n) float32 CPU pieces of the output in order, one per
     decoder window, so a long song never has to be held whole (``compress.decode_file`` writes them as
     they come). ``num_samples`` cuts the output shorter (a token file's own length is applied anyway).
@@ -223,7 +227,7 @@ def iter_decode(codec, codes, *, num_samples: int | None = None, num_steps: int 
     """
     options = build(DecodingOptions, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
                     fast_vocoder=fast_vocoder, sampler=sampler,
-                    guidance_interval=guidance_interval).for_task("code2sound")
+                    guidance_interval=guidance_interval, schedule=schedule).for_task("code2sound")
     return stream(codec, codes, options, num_samples=num_samples, prompt=prompt,
                   prompt_sample_rate=prompt_sample_rate, generator=generator, noise=noise)
 
@@ -264,12 +268,13 @@ def sound2sound(codec, audio_in, *, sample_rate: int | None = None, batch_size: 
                 num_steps: int | None = None, guidance_scale: float | None = None, prompt=None,
                 prompt_sample_rate: int | None = None, seed: int | None = None,
                 generator: torch.Generator | None = None, noise=None, fast_vocoder: bool = True,
-                sampler: str | None = None, guidance_interval=None) -> torch.Tensor:
+                sampler: str | None = None, guidance_interval=None,
+                schedule: str | None = None) -> torch.Tensor:
     """The official round trip ``code2sound(sound2code(audio))`` with 50 steps by default, cut to the
     input's length: (2, N) float32 at 48 kHz. Arguments as in ``sound2code`` and :func:`code2sound`."""
     options = build(DecodingOptions, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
                     fast_vocoder=fast_vocoder, sampler=sampler,
-                    guidance_interval=guidance_interval).for_task("sound2sound")
+                    guidance_interval=guidance_interval, schedule=schedule).for_task("sound2sound")
     wav = codec.read_audio(audio_in, sample_rate)
     codes = codec.sound2code(wav, batch_size=batch_size)
     return torch.cat(list(stream(codec, codes, options, num_samples=wav.shape[-1], prompt=prompt,

@@ -165,6 +165,16 @@ def test_the_schedule_reaches_the_dit(tiny_codec):
     assert seen == cosine
 
 
+def test_the_schedule_is_a_keyword_of_code2sound(tiny_codec):
+    codes = torch.arange(40).reshape(1, 1, -1) * 7
+    cosine = tiny_codec.code2sound(codes, num_steps=3, seed=1, schedule="cosine")
+    options = DecodingOptions(num_steps=3, seed=1, schedule="cosine")
+    assert torch.equal(cosine, torch.cat(list(decoding.stream(tiny_codec, codes, options)), -1))
+    assert not torch.equal(cosine, tiny_codec.code2sound(codes, num_steps=3, seed=1))
+    with pytest.raises(SettingError, match="schedule must be one of uniform, cosine"):
+        tiny_codec.code2sound(codes, num_steps=3, schedule="karras")
+
+
 def test_guidance_one_runs_only_the_conditional_half(tiny_codec):
     _, calls = counted(tiny_codec, steps=3, guidance=1.0)
     assert [n for n, _ in calls] == [2, 2, 2] and samplers.dit_rows("euler", 3, 1.0) == [1, 1, 1]
