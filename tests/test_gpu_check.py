@@ -44,7 +44,8 @@ def read(out: Path, name: str) -> dict:
 def test_the_cpu_run_writes_every_step(tiny_run):
     summary = read(tiny_run, "summary.json")
     assert summary["status"] == "ok" and list(summary["steps"]) == [
-        "tests", "weights", "bfloat16", "audioldm-bfloat16", "audioldm-float16", "float16"]
+        "tests", "weights", "bfloat16", "audioldm-bfloat16", "audioldm-float16", "float16",
+        "train-bfloat16", "train-lora16-bfloat16", "train-float32-checkpointed", "sampler-error"]
     for name, step in summary["steps"].items():
         assert step["status"] == "ok" and step["seconds"] >= 0, name
         if "log" in step:
@@ -71,6 +72,17 @@ def test_the_cpu_run_writes_every_step(tiny_run):
     assert fp16["stages"]["song"]["real_time_factor"] > 0
     decode = fp16["stages"]["decode_b1"]
     assert decode["songs"] == 1 and decode["windows"] == 1 and decode["hours_per_hour"] > 0
+
+    # the fine-tuning steps train the checkpoint's own decoder: the tiny one's single block, as configured
+    steps = summary["steps"]
+    bf16, lora16 = steps["train-bfloat16"]["result"], steps["train-lora16-bfloat16"]["result"]
+    fp32 = steps["train-float32-checkpointed"]["result"]
+    assert (bf16["bf16"], lora16["lora"], fp32["checkpoint_blocks"], fp32["bf16"]) == (True, 16, True, False)
+    assert bf16["dit_blocks"] == 1 and all(r["step_seconds"] > 0 and r["peak_mib"] > 0 for r in (bf16, fp32))
+    assert 0 < lora16["trained_parameters"] < bf16["trained_parameters"] == fp32["trained_parameters"]
+    assert steps["sampler-error"]["files"] == ["sampler-error.csv", "sampler-error.png"]
+    rows = (tiny_run / "sampler-error.csv").read_text().splitlines()
+    assert rows[0].startswith("weights,sampler,evaluations") and len(rows) > 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")

@@ -5,7 +5,8 @@
     python3 tools/gpu_check.py --out gpu-results/ --wheels wheels/    # offline: missing packages from wheels/
     python3 tools/gpu_check.py --out check/ --device cpu --tiny       # the same steps on a CPU, tiny models
 
-Expected (not measured) to take under 8 minutes on one H100/H200-class GPU, writing the weights included.
+Expected (not measured) to take under 8 minutes on one H100/H200-class GPU for the tests and bench steps,
+writing the weights included, and about 5 more for the training and sampler steps, which come last.
 Needs no network: the synthetic full-size weights (5.5 GiB) are written once into --synthetic-dir and
 reused, and missing packages come from --wheels (made where there is network with
 'pip download soundfile pytest -d wheels/'). Every step writes its JSON into --out as soon as it
@@ -19,6 +20,11 @@ what it measured:
     bench-float16.json      tools/bench.py with the DiT in float16 (the CUDA default): gemm, load, sound2code,
                             dit_step, vae, vocoder; song (a 3-minute song at 20 steps: real-time factor,
                             peak CUDA memory); decode_b1, decode_b8 (the decode job, 8 one-minute songs)
+    train-*.log             tools/train_step.py: one fine-tuning step of the whole decoder at batch 1 (bf16,
+                            bf16 with rank-16 LoRA, float32 with activation checkpointing); its JSON (step
+                            seconds, peak memory) is the step's "result" in summary.json
+    sampler-error.csv, .png tools/sampler_error.py: each sampler's error against a fine solution of one
+                            window, 2-50 DiT evaluations, latents and the mel distance of the audio
     summary.json            the machine, each step's status, seconds, log and numbers
     <step>.log              each step's output
 
@@ -57,6 +63,17 @@ BENCH = {
     "float16": ["--dtype", "float16", "--stages", "gemm,load,sound2code,dit_step,vae,vocoder,song,decode",
                 "--song-seconds", "180", "--steps", "20",
                 "--decode-batches", "1,8", "--decode-songs", "8", "--decode-seconds", "60"],
+}
+# Measurements of the fine-tuning step, the samplers and the server on the same weights: (script, its
+# arguments, what --tiny adds). Each train step is its own process, as tools/train_step.py measures one
+# configuration per process (peak memory is the process's).
+TOOLS = {
+    "train-bfloat16": ("train_step.py", ["--bf16"], []),
+    "train-lora16-bfloat16": ("train_step.py", ["--bf16", "--lora", "16"], []),
+    "train-float32-checkpointed": ("train_step.py", ["--checkpoint-blocks"], []),
+    # the error of every sampler against a fine solution of one full-size window (docs/sampling.md)
+    "sampler-error": ("sampler_error.py", ["--smooth-time", "8", "--audio"],
+                      ["--evals", "2,4", "--reference", "heun:4", "--threads", "1"]),
 }
 # --tiny: one window per song and one step, so the whole check runs on a CPU in about a minute; one
 # thread, because tiny models gain nothing from more and a shared CPU loses to their waiting.
@@ -218,6 +235,20 @@ def run_bench(run: Run, name: str, ckpt: Path, device: str, tiny: bool):
     run.record(name, entry)
 
 
+def run_tool(run: Run, name: str, ckpt: Path, device: str, tiny: bool):
+    script, extra, tiny_extra = TOOLS[name]
+    cmd = [sys.executable, str(ROOT / "tools" / script), "--ckpt", str(ckpt), "--device", device, *extra]
+    if script == "sampler_error.py":
+        cmd += ["-o", str(run.out / name)]
+    entry = run.stream(name, cmd + (tiny_extra if tiny else []))
+    if script == "train_step.py" and entry["status"] == "ok":  # its last line is its JSON
+        log = (run.out / entry["log"]).read_text().strip().splitlines()
+        entry["result"] = json.loads(log[-1])
+    if script == "sampler_error.py":
+        entry["files"] = sorted(f.name for f in run.out.glob(f"{name}.*") if f.suffix in (".csv", ".png"))
+    run.record(name, entry)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -259,6 +290,8 @@ def main(argv=None) -> int:
             ckpt = write_weights(run, Path(tmp) if args.tiny else Path(args.synthetic_dir), args.tiny)
             for name in BENCH if ckpt else ():
                 run_bench(run, name, ckpt, args.device, args.tiny)
+            for name in TOOLS if ckpt else ():
+                run_tool(run, name, ckpt, args.device, args.tiny)
     except KeyboardInterrupt:
         run.summary["status"] = "interrupted"
         run.write("summary.json", run.summary)

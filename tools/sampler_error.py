@@ -212,6 +212,12 @@ def main(argv=None) -> None:
         rows += measure(codec, smooth, f"{size} weights, time sinusoids <= {args.smooth_time:g} rad", args)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out.with_suffix(".csv"), rows)
+    try:
+        import matplotlib  # noqa: F401  (the plot is drawn again from the CSV with --from-csv where it is)
+    except ImportError:
+        print(f"wrote {out.with_suffix('.csv')}; no plot: matplotlib is not installed (pip install matplotlib, "
+              f"then --from-csv {out.with_suffix('.csv')}).")
+        return
     write_plot(out.with_suffix(".png"), rows, title(args.frames or codec.config.window_latents, args.guidance,
                                                     rows[0]["reference"]))
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
