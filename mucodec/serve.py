@@ -216,16 +216,33 @@ class Service:
         if not self.worker.admit(req):
             raise self.busy()
         try:
-            first = await channel.get()  # the response starts with the first window's audio, or fails
+            first = await self._first(request, req, channel)  # the first window's audio, or why not
         except asyncio.CancelledError:
             self.worker.cancel(req)
             raise
+        if first is None:  # the client left: nobody reads this answer
+            return Response(status_code=499)
         if first[0] == "error":
             raise Refusal(first[1], first[2])
         headers = {"X-Seed": str(seed)}
         if first[1] is not None:
             headers["Content-Length"] = str(first[1])
         return StreamingResponse(self._stream(req, channel), media_type=MEDIA_TYPES[fmt], headers=headers)
+
+    async def _first(self, request, req: DecodeRequest, channel: asyncio.Queue):
+        """The request's first item; None once its client has gone, which frees its slot at the next window
+        (a queued request, or one whose first window is being computed, sends nothing that could fail)."""
+        getter = asyncio.ensure_future(channel.get())
+        watcher = asyncio.ensure_future(_gone(request))
+        try:
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                return getter.result()
+            self.worker.cancel(req)
+            return None
+        finally:
+            getter.cancel()
+            watcher.cancel()
 
     async def _stream(self, req: DecodeRequest, channel: asyncio.Queue):
         try:
@@ -267,6 +284,12 @@ class Service:
 
     async def metrics_text(self, request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _gone(request) -> None:
+    """Returns when the client disconnects (the body is read: the server's next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _answer(handler):

@@ -297,6 +297,29 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_gone_client_frees_its_s
         s.close()
 
 
+def test_a_client_that_leaves_before_its_first_audio_frees_its_place_at_the_next_window(codec, monkeypatch):
+    slow_windows(monkeypatch, 0.2)
+    s = Running(codec, batch_size=1)
+    try:
+        worker = s.service.worker
+        with s.client.stream("POST", "/v1/decode?seed=1", content=token_file(codec, random_codes(8000, 6))) as r:
+            audio = r.iter_raw()  # kept: a generator dropped would close the connection
+            next(audio)  # this request holds the only slot for 11 windows
+            body = json.dumps({"codes": [1, 2, 3]}).encode()
+            with socket.create_connection(s.url.removeprefix("http://").split(":")) as raw:
+                raw.sendall(b"POST /v1/decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                wait_until(lambda: worker.queue_depth() == 1, "the second request was not queued")
+            # gone before any audio of it: dropped from the queue while the first request still decodes
+            windows = worker.decoders[worker.default_key].windows
+            wait_until(lambda: worker.queue_depth() == 0 and worker.open == 1, "a gone client kept its place")
+            assert worker.decoders[worker.default_key].windows <= windows + 2  # within a couple of windows
+            assert worker.in_flight() == 1  # the first request decodes on
+        wait_until(lambda: worker.open == 0, "the slot of a gone client was not freed")
+    finally:
+        s.close()
+
+
 def test_a_nan_fails_its_request_only(server, codec, monkeypatch):
     def nan_wave(self, latents, fast_vocoder=True, num_samples=None):
         return cheap_wave(self, latents) * float("nan")
