@@ -267,16 +267,23 @@ class MuCodec:
 
     @torch.inference_mode()
     def decode_window(self, codes: torch.Tensor, true_latents: torch.Tensor, incontext: int, x0: torch.Tensor,
-                      opts: DecodingOptions, callback=None) -> torch.Tensor:
+                      opts: DecodingOptions, callback=None, check: bool = True) -> torch.Tensor:
         """One window of B songs: codes (B, 1, 1024), in-context latents and initial noise (B, 32, 512, 32),
-        ``incontext`` prefix frames (one int, or one per song) -> latents (B, 32, 512, 32)."""
+        ``incontext`` prefix frames (one int, or one per song) -> latents (B, 32, 512, 32).
+        ``check=False``: the caller checks each song's latents (:meth:`check_latents`), so that a NaN in one
+        song fails that song only."""
         z_q, _ = self.quantizer.from_codes(codes)
         with self._autocast(), self._visiting(self.flow):
             latents = self.flow.sample(z_q, true_latents, self.config.window_latents, incontext, x0, opts.num_steps,
                                        opts.guidance_scale, callback=callback, sampler=opts.sampler,
                                        guidance_interval=opts.guidance_interval).float()
-        self._check_finite(latents, "flow", "The flow decoder")
+        if check:
+            self.check_latents(latents)
         return latents
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """NumericalError if the flow decoder's ``latents`` hold NaN or infinite values."""
+        self._check_finite(latents, "flow", "The flow decoder")
 
     @torch.inference_mode()
     def latents_to_wave(self, latents: torch.Tensor, fast_vocoder: bool = True,

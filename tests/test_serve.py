@@ -331,6 +331,40 @@ def test_a_nan_fails_its_request_only(server, codec, monkeypatch):
     assert server.client.post("/v1/decode?seed=1", json={"codes": [1, 2, 3]}).status_code == 200
 
 
+def test_a_nan_in_a_shared_batch_fails_only_its_own_request(codec, monkeypatch, tmp_path):
+    from_codes, sample, poisoned, batches = codec.quantizer.from_codes, codec.flow.sample, [], []
+
+    def marking(codes):  # the song whose codes are all 7 is the one the flow decoder fails
+        poisoned[:] = [(codes == 7).flatten(1).all(1)]
+        return from_codes(codes)
+
+    def nan_sample(*a, **k):
+        time.sleep(0.3)  # slow enough for the second request to join the first one's batch
+        latents, bad = sample(*a, **k), poisoned[0]
+        if bad.any():
+            batches.append(len(bad))
+            latents = torch.where(bad[:, None, None, None], float("nan"), latents)
+        return latents
+
+    monkeypatch.setattr(codec.quantizer, "from_codes", marking)
+    monkeypatch.setattr(codec.flow, "sample", nan_sample)
+    data = token_file(codec, random_codes(3300, 21))  # 4 windows
+    s = Running(codec, batch_size=2)
+    try:
+        with s.client.stream("POST", "/v1/decode?seed=21", content=data) as r:
+            audio = r.iter_raw()
+            chunks = [next(audio)]
+            nan = s.client.post("/v1/decode?seed=22", json={"codes": [7] * 300})
+            chunks += list(audio)
+        assert nan.status_code == 500 and "NaN" in nan.text and one_sentence(nan.text)
+        assert batches == [2]  # it failed inside a batch it shared
+        monkeypatch.undo()
+        assert r.status_code == 200 and b"".join(chunks) == solo(codec, tmp_path, data, 21)
+        assert s.healthy()
+    finally:
+        s.close()
+
+
 def test_an_internal_error_fails_the_requests_in_hand_not_the_server(server, monkeypatch):
     def boom(self, req, dst=None):
         raise RuntimeError("boom")
