@@ -283,7 +283,8 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_gone_client_frees_its_s
         long = token_file(codec, random_codes(8000, 6))  # 11 windows
         with s.client.stream("POST", "/v1/decode?seed=1", content=long) as r:
             assert r.status_code == 200
-            next(r.iter_raw())  # the first window's audio: the request holds the only slot
+            audio = r.iter_raw()  # kept: a generator dropped would close the connection and free the slot
+            next(audio)  # the first window's audio: the request holds the only slot
             busy = s.client.post("/v1/decode", json={"codes": [1, 2, 3]})
             assert busy.status_code == 503 and one_sentence(busy.text)
             assert int(busy.headers["retry-after"]) == ServeConfig().retry_after
