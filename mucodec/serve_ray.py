@@ -12,6 +12,8 @@ factory is passed in, so the two never import each other.
 """
 from __future__ import annotations
 
+import signal
+import time
 from dataclasses import dataclass
 
 from .errors import ArgumentError
@@ -26,12 +28,15 @@ class RayServeConfig:
     address: str | None = None  # a running cluster (None: RAY_ADDRESS, else a new local instance)
     max_replicas: int | None = None  # None: one per GPU of the cluster, else 1 (CPU)
     replica_cpus: float = 1.0  # CPUs reserved by each replica on a cluster without GPUs
+    drain_seconds: float = 600.0  # on shutdown, how long a replica may finish its requests in flight
 
     def __post_init__(self):
         if self.max_replicas is not None and self.max_replicas < 1:
             raise ArgumentError(f"--max-replicas {self.max_replicas} is below 1; pass 1 or more.")
         if not self.replica_cpus > 0:
             raise ArgumentError(f"--replica-cpus {self.replica_cpus} is not above 0; pass a positive number.")
+        if not self.drain_seconds >= 0:
+            raise ArgumentError(f"drain_seconds {self.drain_seconds} is below 0; pass 0 or more.")
 
 
 def _ray():
@@ -63,7 +68,7 @@ def deployment(load, build_app, config, api_key=None, ray_config: RayServeConfig
     batch = config.decoding.batch_size
     replicas = ray_config.max_replicas or max(1, int(gpus))
     # a replica answers 503 itself beyond a full batch and its queue; Serve routes no more to it than that
-    options = dict(max_ongoing_requests=batch + config.max_queue,
+    options = dict(max_ongoing_requests=batch + config.max_queue, graceful_shutdown_timeout_s=ray_config.drain_seconds,
                    autoscaling_config={"min_replicas": 1, "max_replicas": replicas, "target_ongoing_requests": batch},
                    ray_actor_options={"num_gpus": 1} if gpus else {"num_cpus": ray_config.replica_cpus})
     cls = serve.deployment(name=DEPLOYMENT, **options)(serve.ingress()(CodecReplica))
@@ -80,7 +85,27 @@ def start(load, build_app, config, api_key, host: str, port: int, ray_config: Ra
     gpus = ray.cluster_resources().get("GPU", 0)
     serve.start(http_options={"host": host, "port": port})
     app = deployment(load, build_app, config, api_key, ray_config, gpus)
-    serve.run(app, name=DEPLOYMENT, route_prefix="/", blocking=blocking)
+    serve.run(app, name=DEPLOYMENT, route_prefix="/")
+    if blocking:
+        _serve_until_stopped(ray, serve)
+
+
+def _serve_until_stopped(ray, serve) -> None:
+    """Wait for Ctrl-C or SIGTERM, then drain: Serve lets each replica finish its requests in flight (up to
+    ``drain_seconds``) before it stops, as the plain server does on SIGTERM."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(DEPLOYMENT)  # first, while the proxy still carries the streams of the requests in flight
+        serve.shutdown()
+        ray.shutdown()
 
 
 def stop() -> None:
