@@ -252,9 +252,9 @@ class MuCodec:
         mono = audio.prepare_muq_input(x, c.channel_peak, c.sample_rate, self.muq.cfg.sample_rate)
         hidden = self.muq(mono)  # (B, T, 1024)
         # one cheap check per stage and batch: damaged weights must not become a token file of garbage
-        self._check_finite(hidden, "muq", "The MuQ encoder")
+        _check_finite(self, hidden, "muq", "The MuQ encoder")
         codes, z_e = self.quantizer.encode(hidden.transpose(1, 2))
-        self._check_finite(z_e, "quantizer", "The quantizer")
+        _check_finite(self, z_e, "quantizer", "The quantizer")
         return codes
 
     # ---- decoding: decoding.py runs the schedule on the stage calls below ------------------------
@@ -267,16 +267,23 @@ class MuCodec:
 
     @torch.inference_mode()
     def decode_window(self, codes: torch.Tensor, true_latents: torch.Tensor, incontext: int, x0: torch.Tensor,
-                      opts: DecodingOptions, callback=None) -> torch.Tensor:
+                      opts: DecodingOptions, callback=None, check: bool = True) -> torch.Tensor:
         """One window of B songs: codes (B, 1, 1024), in-context latents and initial noise (B, 32, 512, 32),
-        ``incontext`` prefix frames (one int, or one per song) -> latents (B, 32, 512, 32)."""
+        ``incontext`` prefix frames (one int, or one per song) -> latents (B, 32, 512, 32).
+        ``check=False``: the caller checks each song's latents (:meth:`check_latents`), so that a NaN in one
+        song fails that song only."""
         z_q, _ = self.quantizer.from_codes(codes)
         with self._autocast(), self._visiting(self.flow):
             latents = self.flow.sample(z_q, true_latents, self.config.window_latents, incontext, x0, opts.num_steps,
                                        opts.guidance_scale, callback=callback, sampler=opts.sampler,
                                        guidance_interval=opts.guidance_interval, schedule=opts.schedule).float()
-        self._check_finite(latents, "flow", "The flow decoder")
+        if check:
+            self.check_latents(latents)
         return latents
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """NumericalError if the flow decoder's ``latents`` hold NaN or infinite values."""
+        _check_finite(self, latents, "flow", "The flow decoder")
 
     @torch.inference_mode()
     def latents_to_wave(self, latents: torch.Tensor, fast_vocoder: bool = True,
@@ -291,7 +298,7 @@ class MuCodec:
                 mel = self.vae.decode(latents.reshape(b * 2, ch // 2, t, f).float())
             with self._visiting(self.vocoder):
                 wav = self.vocoder.vocode(mel, share_overlaps=fast_vocoder, num_samples=num_samples).float()
-        self._check_finite(wav, "audioldm", "The VAE and vocoder")
+        _check_finite(self, wav, "audioldm", "The VAE and vocoder")
         return wav
 
     def vae_encoder(self):
@@ -326,14 +333,6 @@ class MuCodec:
         if self._autocasts(dtype):
             return torch.autocast(self.device.type, dtype=dtype or self.dtype)
         return contextlib.nullcontext()
-
-    def _check_finite(self, x: torch.Tensor, source: str, stage: str) -> None:
-        if not bool(torch.isfinite(x).all()):
-            where = self._sources.get(source, f"the {source} checkpoint")
-            dtype = {"flow": self.dtype, "audioldm": self.audioldm_dtype}.get(source, torch.float32)
-            hint = (f"run in float32 (this run uses {dtype_name(dtype)}), or check {where}"
-                    if dtype != torch.float32 else f"{where} is damaged; download it again")
-            raise NumericalError(f"{stage} produced NaN or infinite values; {hint}.")
 
     # ---- inputs ----------------------------------------------------------------------------------
     def read_audio(self, x, sample_rate: int | None = None) -> torch.Tensor:
@@ -383,3 +382,13 @@ class EncoderWindows:
     def batch(self, first: int, stop: int) -> torch.Tensor:
         """Windows ``first .. stop - 1`` as (B, 2, window + extra)."""
         return torch.stack([self.window(k) for k in range(first, stop)]) / self.divisor
+
+
+def _check_finite(codec: MuCodec, x: torch.Tensor, source: str, stage: str) -> None:
+    """NumericalError naming ``stage``, its checkpoint and the likely fix, if ``x`` holds NaN or infinities."""
+    if not bool(torch.isfinite(x).all()):
+        where = codec._sources.get(source, f"the {source} checkpoint")
+        dtype = {"flow": codec.dtype, "audioldm": codec.audioldm_dtype}.get(source, torch.float32)
+        hint = (f"run in float32 (this run uses {dtype_name(dtype)}), or check {where}"
+                if dtype != torch.float32 else f"{where} is damaged; download it again")
+        raise NumericalError(f"{stage} produced NaN or infinite values; {hint}.")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import audio, tokens
 from .settings import DecodingOptions, build, generator_for, whole_number
-from .errors import ArgumentError, AudioError, CheckpointError
+from .errors import ArgumentError, AudioError, CheckpointError, NumericalError
 
 
 def repeat_to(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -160,25 +160,36 @@ def start_decode(codec, codes, *, num_samples: int | None = None, seed: int | No
 
 
 def decode_step(codec, songs: list[SongDecode], opts: DecodingOptions, callback=None,
-                on_song=None) -> list[list[torch.Tensor]]:
+                on_song=None, on_error=None) -> list[list[torch.Tensor] | None]:
     """The next window of each unfinished song, as one batch through the flow decoder (batch 2B with
     guidance), then each song's window through the VAE and vocoder on its own (one window's VAE
     activations are GBs; a batch would multiply the peak for no gain on a device one window already
     fills). Returns, per song, the (2, n) float32 CPU pieces of its output that became final.
     ``on_song(i, pieces)`` gets song i's pieces as soon as they are final, before the next song's VAE and
-    vocoder run (a listener of song 0 need not wait for the whole batch)."""
+    vocoder run (a listener of song 0 need not wait for the whole batch). ``on_error(i, error)``: song i's
+    NaN or infinite output (:class:`NumericalError`) fails song i alone -- its entry is None, its window not
+    taken, the other songs go on; without it the error is raised."""
     inputs = [s.window_inputs() for s in songs]
     codes, true_latents, x0 = (torch.cat([i[j] for i in inputs]) for j in (0, 1, 3))
     incontext = [i[2] for i in inputs]
     latents = codec.decode_window(codes, true_latents, incontext[0] if len(songs) == 1 else incontext, x0, opts,
-                                  callback=callback)
+                                  callback=callback, check=on_error is None)
     out = []
-    for song, lat in zip(songs, latents.split(1)):
-        # the song's end can lie inside the window: the vocoder skips what cannot reach it
-        wav = codec.latents_to_wave(song.audible(lat), opts.fast_vocoder, num_samples=song.remaining).cpu()
+    for i, (song, lat) in enumerate(zip(songs, latents.split(1))):
+        try:
+            if on_error is not None:  # each song's own latents: batched songs never mix, a NaN stays in its row
+                codec.check_latents(lat)
+            # the song's end can lie inside the window: the vocoder skips what cannot reach it
+            wav = codec.latents_to_wave(song.audible(lat), opts.fast_vocoder, num_samples=song.remaining).cpu()
+        except NumericalError as e:
+            if on_error is None:
+                raise
+            on_error(i, e)
+            out.append(None)
+            continue
         out.append(song.take(lat, wav))
         if on_song is not None:
-            on_song(len(out) - 1, out[-1])
+            on_song(i, out[-1])
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hmac
 import io
 import ipaddress
@@ -34,9 +35,10 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import audio, tokens
+from . import audio, serve_ray, tokens
 from .errors import AudioError, MuCodecError, NumericalError, TokenFileError
 from .serve_page import PAGE
+from .serve_ray import RayServeConfig
 from .serve_worker import DecodeRequest, DecodeWorker, EncodeJob, JobFailed, ServeConfig, request_options
 from .settings import CODE2SOUND_STEPS, GUIDANCE_SCALE, DecodingOptions, build
 
@@ -214,16 +216,33 @@ class Service:
         if not self.worker.admit(req):
             raise self.busy()
         try:
-            first = await channel.get()  # the response starts with the first window's audio, or fails
+            first = await self._first(request, req, channel)  # the first window's audio, or why not
         except asyncio.CancelledError:
             self.worker.cancel(req)
             raise
+        if first is None:  # the client left: nobody reads this answer
+            return Response(status_code=499)
         if first[0] == "error":
             raise Refusal(first[1], first[2])
         headers = {"X-Seed": str(seed)}
         if first[1] is not None:
             headers["Content-Length"] = str(first[1])
         return StreamingResponse(self._stream(req, channel), media_type=MEDIA_TYPES[fmt], headers=headers)
+
+    async def _first(self, request, req: DecodeRequest, channel: asyncio.Queue):
+        """The request's first item; None once its client has gone, which frees its slot at the next window
+        (a queued request, or one whose first window is being computed, sends nothing that could fail)."""
+        getter = asyncio.ensure_future(channel.get())
+        watcher = asyncio.ensure_future(_gone(request))
+        try:
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                return getter.result()
+            self.worker.cancel(req)
+            return None
+        finally:
+            getter.cancel()
+            watcher.cancel()
 
     async def _stream(self, req: DecodeRequest, channel: asyncio.Queue):
         try:
@@ -265,6 +284,12 @@ class Service:
 
     async def metrics_text(self, request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _gone(request) -> None:
+    """Returns when the client disconnects (the body is read: the server's next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _answer(handler):
@@ -321,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help=f"default Euler steps per window (default {CODE2SOUND_STEPS}, the official code2sound's)")
     p.add_argument("--guidance", type=float, default=None, help=f"default guidance scale (default {GUIDANCE_SCALE})")
+    r = RayServeConfig()
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: replicas on Ray Serve (requirements-serve-ray.txt)")
+    p.add_argument("--ray-address", default=r.address, help="with --engine ray: a running cluster (default: "
+                   "RAY_ADDRESS, else a local instance)")
+    p.add_argument("--max-replicas", type=int, default=r.max_replicas,
+                   help="with --engine ray: most replicas autoscaling adds (default: one per GPU, else 1)")
+    p.add_argument("--replica-cpus", type=float, default=r.replica_cpus,
+                   help=f"with --engine ray and no GPU: CPUs each replica reserves (default {r.replica_cpus:g})")
     return p
 
 
@@ -341,21 +375,38 @@ def main(argv=None) -> int:
         return 2
     if not is_loopback(args.host) and args.api_key is None:
         print(f"mucodec-serve: warning: serving on {args.host} without an API key (--open).", file=sys.stderr)
-    import uvicorn
-
-    from .codec import MuCodec
-
-    try:  # a bad --steps, --guidance or --batch is said before the model loads
+    try:  # a bad --steps, --guidance, --batch or Ray option is said before the model loads
         decoding = build(DecodingOptions, num_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch)
         config = ServeConfig(decoding=decoding, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                              max_seconds=args.max_seconds)
-        codec = MuCodec.from_pretrained(args.ckpt, device=args.device, revision=args.revision)
+        load = functools.partial(load_codec, args.ckpt, args.device, args.revision)
+        if args.engine == "ray":
+            ray_config = RayServeConfig(args.ray_address, args.max_replicas, args.replica_cpus)
+            serve_ray.start(load, create_app, config, args.api_key, args.host, args.port, ray_config,
+                            runtime_env=package_env(), blocking=True)
+            return 0
+        app = create_app(load(), config, args.api_key)
     except MuCodecError as e:
         print(f"mucodec-serve: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(codec, config, args.api_key), host=args.host, port=args.port, log_level="info")
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
+
+def load_codec(ckpt, device, revision):
+    """The model a server process (or a Ray Serve replica) serves."""
+    from .codec import MuCodec
+
+    return MuCodec.from_pretrained(ckpt, device=device, revision=revision)
+
+
+def package_env() -> dict:
+    """Ray's runtime environment: this package travels to the replicas, as with the library's --engine ray."""
+    from .library.ray_engine import runtime_env
+
+    return runtime_env()
 
 if __name__ == "__main__":
     sys.exit(main())

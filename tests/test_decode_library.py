@@ -139,6 +139,35 @@ def test_continuous_batching_refills_free_slots(tmp_path, codec, cheap):
     assert (c["windows"], c["steps"], c["slots_filled"], c["slots"]) == (8, 4, 8, 8)
 
 
+def test_a_nan_fails_only_its_song_and_the_batch_goes_on(tmp_path, codec, cheap, monkeypatch):
+    from_codes, sample, poisoned = codec.quantizer.from_codes, codec.flow.sample, []
+
+    def marking(codes):  # the flow decoder gives NaN for the song whose codes are all 7
+        poisoned[:] = [(codes == 7).flatten(1).all(1)]
+        return from_codes(codes)
+
+    def nan_sample(*a, **k):
+        return torch.where(poisoned[0][:, None, None, None], float("nan"), sample(*a, **k))
+
+    songs = [(TokenSong(f"{k:016x}", f"s{k}", "-"), codes)
+             for k, codes in enumerate([random_codes(900, 1), np.full(300, 7), random_codes(1800, 2)])]
+    lib = AudioLibrary(tmp_path, "wav")
+    dec = SongDecoder(codec, DecodingOptions(num_steps=1, batch_size=3, seed=7), lib.audio_path,
+                      AudioWriter(48000, "wav"))
+    done = []
+    with monkeypatch.context() as mp:
+        mp.setattr(codec.quantizer, "from_codes", marking)
+        mp.setattr(codec.flow, "sample", nan_sample)
+        for song, codes in songs:
+            done += dec.add(song, {"codes": codes, "num_samples": None})
+        done += dec.flush()
+    why = {s.path: w for s, _, w in done}
+    assert why["s0"] is None and why["s2"] is None and why["s1"].startswith("The flow decoder produced NaN")
+    assert not lib.audio_path(songs[1][0]).exists() and not list(tmp_path.rglob(".*.tmp"))
+    for song, codes in (songs[0], songs[2]):  # the others of its batch, as they would be alone
+        assert np.array_equal(read(lib.audio_path(song)), alone(codec, codes, song.song_id, 7)), song.path
+
+
 # ---- inputs ------------------------------------------------------------------------------------
 
 def make_inputs(root: Path, codec) -> dict:

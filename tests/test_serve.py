@@ -283,7 +283,8 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_gone_client_frees_its_s
         long = token_file(codec, random_codes(8000, 6))  # 11 windows
         with s.client.stream("POST", "/v1/decode?seed=1", content=long) as r:
             assert r.status_code == 200
-            next(r.iter_raw())  # the first window's audio: the request holds the only slot
+            audio = r.iter_raw()  # kept: a generator dropped would close the connection and free the slot
+            next(audio)  # the first window's audio: the request holds the only slot
             busy = s.client.post("/v1/decode", json={"codes": [1, 2, 3]})
             assert busy.status_code == 503 and one_sentence(busy.text)
             assert int(busy.headers["retry-after"]) == ServeConfig().retry_after
@@ -297,6 +298,29 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_gone_client_frees_its_s
         s.close()
 
 
+def test_a_client_that_leaves_before_its_first_audio_frees_its_place_at_the_next_window(codec, monkeypatch):
+    slow_windows(monkeypatch, 0.2)
+    s = Running(codec, batch_size=1)
+    try:
+        worker = s.service.worker
+        with s.client.stream("POST", "/v1/decode?seed=1", content=token_file(codec, random_codes(8000, 6))) as r:
+            audio = r.iter_raw()  # kept: a generator dropped would close the connection
+            next(audio)  # this request holds the only slot for 11 windows
+            body = json.dumps({"codes": [1, 2, 3]}).encode()
+            with socket.create_connection(s.url.removeprefix("http://").split(":")) as raw:
+                raw.sendall(b"POST /v1/decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                wait_until(lambda: worker.queue_depth() == 1, "the second request was not queued")
+            # gone before any audio of it: dropped from the queue while the first request still decodes
+            windows = worker.decoders[worker.default_key].windows
+            wait_until(lambda: worker.queue_depth() == 0 and worker.open == 1, "a gone client kept its place")
+            assert worker.decoders[worker.default_key].windows <= windows + 2  # within a couple of windows
+            assert worker.in_flight() == 1  # the first request decodes on
+        wait_until(lambda: worker.open == 0, "the slot of a gone client was not freed")
+    finally:
+        s.close()
+
+
 def test_a_nan_fails_its_request_only(server, codec, monkeypatch):
     def nan_wave(self, latents, fast_vocoder=True, num_samples=None):
         return cheap_wave(self, latents) * float("nan")
@@ -306,6 +330,40 @@ def test_a_nan_fails_its_request_only(server, codec, monkeypatch):
     assert r.status_code == 500 and "NaN" in r.text and one_sentence(r.text)
     monkeypatch.setattr(MuCodec, "latents_to_wave", cheap_wave)
     assert server.client.post("/v1/decode?seed=1", json={"codes": [1, 2, 3]}).status_code == 200
+
+
+def test_a_nan_in_a_shared_batch_fails_only_its_own_request(codec, monkeypatch, tmp_path):
+    from_codes, sample, poisoned, batches = codec.quantizer.from_codes, codec.flow.sample, [], []
+
+    def marking(codes):  # the song whose codes are all 7 is the one the flow decoder fails
+        poisoned[:] = [(codes == 7).flatten(1).all(1)]
+        return from_codes(codes)
+
+    def nan_sample(*a, **k):
+        time.sleep(0.3)  # slow enough for the second request to join the first one's batch
+        latents, bad = sample(*a, **k), poisoned[0]
+        if bad.any():
+            batches.append(len(bad))
+            latents = torch.where(bad[:, None, None, None], float("nan"), latents)
+        return latents
+
+    monkeypatch.setattr(codec.quantizer, "from_codes", marking)
+    monkeypatch.setattr(codec.flow, "sample", nan_sample)
+    data = token_file(codec, random_codes(3300, 21))  # 4 windows
+    s = Running(codec, batch_size=2)
+    try:
+        with s.client.stream("POST", "/v1/decode?seed=21", content=data) as r:
+            audio = r.iter_raw()
+            chunks = [next(audio)]
+            nan = s.client.post("/v1/decode?seed=22", json={"codes": [7] * 300})
+            chunks += list(audio)
+        assert nan.status_code == 500 and "NaN" in nan.text and one_sentence(nan.text)
+        assert batches == [2]  # it failed inside a batch it shared
+        monkeypatch.undo()
+        assert r.status_code == 200 and b"".join(chunks) == solo(codec, tmp_path, data, 21)
+        assert s.healthy()
+    finally:
+        s.close()
 
 
 def test_an_internal_error_fails_the_requests_in_hand_not_the_server(server, monkeypatch):

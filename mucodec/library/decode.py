@@ -145,7 +145,8 @@ class SongDecoder:
 
     Songs wait until a slot of the batch is free; every step runs the next window of every song in the
     batch (:func:`decoding.decode_step`); a song that finishes frees its slot for the next song's first
-    window. A step that fails fails the songs in it, and only them.
+    window. A step that fails fails the songs in it, and only them; a NaN or infinite output fails only the
+    song it is in, the others of its batch go on.
     """
 
     def __init__(self, codec, opts: DecodingOptions, dst, writer: AudioWriter, log=None):
@@ -217,8 +218,10 @@ class SongDecoder:
             for p in pieces:
                 self.writer.write(songs[i], p)
 
+        nan = {}  # batch index -> why: a song whose output is not finite fails alone
         try:
-            decoding.decode_step(self.codec, [dec for _, dec in self.active], self.opts, on_song=hand_out)
+            decoding.decode_step(self.codec, [dec for _, dec in self.active], self.opts, on_song=hand_out,
+                                 on_error=lambda i, e: nan.update({i: str(e)}))
         except Exception as e:  # out of memory, damaged weights, a bug: this batch's songs fail, the job goes on
             why = _failure(e, self.batch_size)
             failed = [(song, None, why) for song, _ in self.active]
@@ -228,7 +231,10 @@ class SongDecoder:
             return failed
         self.steps += 1
         self.filled += len(self.active)
-        self.windows += len(self.active)
+        self.windows += len(self.active) - len(nan)
+        for i in nan:
+            self.writer.abort(songs[i])
+        self.active = [item for i, item in enumerate(self.active) if i not in nan]
         if self.log is not None and time.monotonic() - self._logged >= HEARTBEAT_SECONDS:
             self._logged = time.monotonic()  # a window can take minutes on a CPU: say that work goes on
             self.log(f"decode: {self.windows} windows done, {len(self.active)} songs in the batch")
@@ -239,7 +245,7 @@ class SongDecoder:
         stop = self.writer.storage_error()
         if stop is not None:  # the disk is full: no window more is worth computing
             raise stop
-        return []
+        return [(songs[i], None, why) for i, why in nan.items()]
 
     def _committed(self, wait: bool) -> list[tuple]:
         out, keep = [], []
