@@ -28,6 +28,7 @@ def test_dependencies_match_the_requirements_files():
     assert set(extras["ray"]) == requirements("requirements-ray.txt")
     assert set(extras["eval"]) == requirements("requirements-eval.txt")
     assert set(extras["serve"]) == requirements("requirements-serve.txt")
+    assert set(extras["serve-ray"]) == requirements("requirements-serve-ray.txt")
     assert set(extras["train"]) == requirements("requirements-train.txt")
     assert set(extras["dev"]) | requirements("requirements.txt") == requirements("requirements-dev.txt")
 
