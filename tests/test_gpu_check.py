@@ -45,7 +45,7 @@ def test_the_cpu_run_writes_every_step(tiny_run):
     summary = read(tiny_run, "summary.json")
     assert summary["status"] == "ok" and list(summary["steps"]) == [
         "tests", "weights", "bfloat16", "audioldm-bfloat16", "audioldm-float16", "float16",
-        "train-bfloat16", "train-lora16-bfloat16", "train-float32-checkpointed", "sampler-error"]
+        "train-bfloat16", "train-lora16-bfloat16", "train-float32-checkpointed", "sampler-error", "serve-load"]
     for name, step in summary["steps"].items():
         assert step["status"] == "ok" and step["seconds"] >= 0, name
         if "log" in step:
@@ -83,6 +83,9 @@ def test_the_cpu_run_writes_every_step(tiny_run):
     assert steps["sampler-error"]["files"] == ["sampler-error.csv", "sampler-error.png"]
     rows = (tiny_run / "sampler-error.csv").read_text().splitlines()
     assert rows[0].startswith("weights,sampler,evaluations") and len(rows) > 1
+    load = steps["serve-load"]["result"]
+    assert load == read(tiny_run, "serve-load.json") and load["equal_to_solo"] == 2 and load["lengths"] == [300, 600]
+    assert 0 < load["first_audio_p50"] <= load["total_p50"] and load["hours_per_hour"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")

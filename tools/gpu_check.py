@@ -6,12 +6,12 @@
     python3 tools/gpu_check.py --out check/ --device cpu --tiny       # the same steps on a CPU, tiny models
 
 Expected (not measured) to take under 8 minutes on one H100/H200-class GPU for the tests and bench steps,
-writing the weights included, and about 5 more for the training and sampler steps, which come last.
-Needs no network: the synthetic full-size weights (5.5 GiB) are written once into --synthetic-dir and
-reused, and missing packages come from --wheels (made where there is network with
-'pip download soundfile pytest -d wheels/'). Every step writes its JSON into --out as soon as it
-finishes, and summary.json is rewritten after each step, so a run killed at a time limit still returns
-what it measured:
+writing the weights included, and about 8 more for the training, sampler and server steps, which come
+last. Needs no network: the synthetic full-size weights (5.5 GiB) are written once into --synthetic-dir
+and reused, and missing packages come from --wheels (made where there is network with 'pip download
+soundfile pytest starlette uvicorn prometheus_client httpx -d wheels/'). Every step writes its JSON into
+--out as soon as it finishes, and summary.json is rewritten after each step, so a run killed at a time
+limit still returns what it measured:
 
     tests.json, tests.xml   pytest tests/test_gpu.py: counts and the names of failures
     bench-bfloat16.json     tools/bench.py: gemm and dit_step with the DiT in bfloat16
@@ -25,6 +25,8 @@ what it measured:
                             seconds, peak memory) is the step's "result" in summary.json
     sampler-error.csv, .png tools/sampler_error.py: each sampler's error against a fine solution of one
                             window, 2-50 DiT evaluations, latents and the mel distance of the audio
+    serve-load.json         tools/serve_load.py: 8 concurrent clients of the HTTP server, time to first audio,
+                            latency, throughput, batch fill, responses equal to their solo decodes
     summary.json            the machine, each step's status, seconds, log and numbers
     <step>.log              each step's output
 
@@ -49,7 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What the run imports besides torch (module: pip name); a bare PyTorch image usually lacks soundfile and
 # pytest, and torchaudio must match torch, so it is named here but best installed with torch.
-NEEDED = {"numpy": "numpy", "torchaudio": "torchaudio", "soundfile": "soundfile", "tqdm": "tqdm", "pytest": "pytest"}
+NEEDED = {"numpy": "numpy", "torchaudio": "torchaudio", "soundfile": "soundfile", "tqdm": "tqdm", "pytest": "pytest",
+          "starlette": "starlette", "uvicorn": "uvicorn", "prometheus_client": "prometheus_client", "httpx": "httpx"}
 
 # One bench.py process per precision: the dtype is fixed when the model loads, and each further process
 # would cost another start and load. The short bfloat16 one goes first, so that a run cut short at its
@@ -74,6 +77,11 @@ TOOLS = {
     # the error of every sampler against a fine solution of one full-size window (docs/sampling.md)
     "sampler-error": ("sampler_error.py", ["--smooth-time", "8", "--audio"],
                       ["--evals", "2,4", "--reference", "heun:4", "--threads", "1"]),
+    # the server under 8 concurrent clients, songs of 1 to 4 minutes, each response checked against its solo
+    # decode (docs/serving.md); --tiny: two short songs, one step
+    "serve-load": ("serve_load.py", ["--steps", "20", "--batch", "8", "--clients", "8", "--check",
+                                     "--lengths", "6000,1500,3000,4500,6000,1500,3000,4500"],
+                   ["--steps", "1", "--batch", "2", "--clients", "2", "--lengths", "300,600"]),
 }
 # --tiny: one window per song and one step, so the whole check runs on a CPU in about a minute; one
 # thread, because tiny models gain nothing from more and a shared CPU loses to their waiting.
@@ -240,12 +248,17 @@ def run_tool(run: Run, name: str, ckpt: Path, device: str, tiny: bool):
     cmd = [sys.executable, str(ROOT / "tools" / script), "--ckpt", str(ckpt), "--device", device, *extra]
     if script == "sampler_error.py":
         cmd += ["-o", str(run.out / name)]
+    if script == "serve_load.py":
+        cmd += ["--json", str(run.out / f"{name}.json")]
+        (run.out / f"{name}.json").unlink(missing_ok=True)
     entry = run.stream(name, cmd + (tiny_extra if tiny else []))
     if script == "train_step.py" and entry["status"] == "ok":  # its last line is its JSON
         log = (run.out / entry["log"]).read_text().strip().splitlines()
         entry["result"] = json.loads(log[-1])
     if script == "sampler_error.py":
         entry["files"] = sorted(f.name for f in run.out.glob(f"{name}.*") if f.suffix in (".csv", ".png"))
+    if script == "serve_load.py" and (run.out / f"{name}.json").exists():
+        entry["result"] = json.loads((run.out / f"{name}.json").read_text())
     run.record(name, entry)
 
 

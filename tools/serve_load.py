@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import socket
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mucodec import compress, serve  # noqa: E402
 from mucodec.codec import MuCodec  # noqa: E402
+from mucodec.files import write_atomic  # noqa: E402
 from mucodec.serve_worker import ServeConfig  # noqa: E402
 from mucodec.settings import DecodingOptions  # noqa: E402
 from mucodec.tokens import encode_tokens  # noqa: E402
@@ -49,6 +51,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--check", action="store_true", help="compare every response with its solo decode")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     codec = MuCodec.from_pretrained(args.ckpt, device=args.device)
     app = serve.create_app(codec, ServeConfig(decoding=DecodingOptions(num_steps=args.steps, batch_size=args.batch)))
@@ -86,9 +89,13 @@ def main() -> None:
     print("| time to first audio p50 / p99 | total latency p50 / p99 | throughput | batch fill | windows/s |")
     print("| --- | --- | --- | --- | --- |")
     firsts, totals = [a[0] for a in answers], [a[1] for a in answers]
-    print(f"| {percentile(firsts, 50):.1f} / {percentile(firsts, 99):.1f} s | {percentile(totals, 50):.1f} / "
-          f"{percentile(totals, 99):.1f} s | {audio_s / wall:.2f} h of audio per hour | {fill:.2f} | "
-          f"{sum(x['windows'] for x in c) / wall:.3f} |")
+    figures = dict(device=args.device, steps=args.steps, batch=args.batch, clients=args.clients, lengths=lengths,
+                   first_audio_p50=percentile(firsts, 50), first_audio_p99=percentile(firsts, 99),
+                   total_p50=percentile(totals, 50), total_p99=percentile(totals, 99),
+                   hours_per_hour=audio_s / wall, batch_fill=fill, windows_per_second=sum(x["windows"] for x in c) / wall)
+    print(f"| {figures['first_audio_p50']:.1f} / {figures['first_audio_p99']:.1f} s | {figures['total_p50']:.1f} / "
+          f"{figures['total_p99']:.1f} s | {figures['hours_per_hour']:.2f} h of audio per hour | {fill:.2f} | "
+          f"{figures['windows_per_second']:.3f} |")
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             same = []
@@ -98,6 +105,9 @@ def main() -> None:
                 compress.decode_file(codec, src, dst, DecodingOptions(seed=k, num_steps=args.steps))
                 same.append(dst.read_bytes() == body)
         print(f"responses equal to their solo decode: {sum(same)} of {len(same)}")
+        figures["equal_to_solo"] = sum(same)
+    if args.json:
+        write_atomic(Path(args.json), (json.dumps(figures, indent=2) + "\n").encode())
     server.should_exit = True
 
 
