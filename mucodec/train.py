@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--holdout", type=float, default=HOLDOUT, help="fraction of songs held out, by song id")
     prep = p.add_argument_group("preparing a music folder (into RUN/data)")
+    prep.add_argument("--engine", choices=("local", "ray"), default="local",
+                      help="local: reader processes and this process; ray: Ray Data (pip install -r "
+                           "requirements-ray.txt)")
+    prep.add_argument("--address", default=None, help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, "
+                                                      "else a local instance)")
     prep.add_argument("--workers", type=int, default=None, help="reader processes (default: by the CPU count)")
     prep.add_argument("--shard", type=parse_shard, default=None,
                       help="I/N: prepare this machine's part of the library only, then stop")
@@ -72,7 +77,8 @@ def prepare(args, device, say) -> tuple[Path | None, int]:
                             f"command without torchrun, with --shard 1/1 to stop before training), then pass {out} "
                             f"under torchrun.")
     job = JobOptions(ckpt=args.ckpt, revision=args.revision, device=device, dtype=args.encode_dtype,
-                     shard=args.shard, workers=args.workers, retry_errors=args.retry_errors,
+                     shard=args.shard, engine=args.engine, address=args.address, workers=args.workers,
+                     retry_errors=args.retry_errors,
                      overwrite=args.overwrite, shard_size=args.shard_songs)
     rep = prepare_library(args.data, out, build(EncodingOptions, batch_size=args.encode_batch_size), job,
                           latent_dtype=args.latent_dtype, progress=not args.quiet and sys.stderr.isatty(), say=say)

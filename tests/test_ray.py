@@ -149,3 +149,30 @@ def test_a_full_disk_stops_a_ray_decode_job_and_it_resumes(tmp_path, tiny_ckpt_d
             assert (disk / "out" / f"s{k}.wav").read_bytes() == (tmp_path / "ref" / f"s{k}.wav").read_bytes()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_ray_prepare_equals_the_local_one(tmp_path, tiny_ckpt_dir):
+    """Fine-tuning's data preparation on Ray Data: the same windows, codes and latents as the local engine, a
+    bad file as an error row, and a rerun that prepares nothing."""
+    from mucodec.library import prepare
+    from mucodec.settings import EncodingOptions, JobOptions
+    from test_training import write_music
+
+    music = write_music(tmp_path / "music", [(f"s{k}.wav", 1.0 + k / 2) for k in range(3)])
+    (music / "broken.wav").write_bytes(b"RIFF")
+    common = dict(ckpt=str(tiny_ckpt_dir), workers=1, shard_size=2)
+    reps = {engine: prepare.prepare_library([music], tmp_path / engine, EncodingOptions(batch_size=2),
+                                            JobOptions(engine=engine, **common)) for engine in ("ray", "local")}
+    assert reps["ray"]["songs"]["done"] == reps["local"]["songs"]["done"] == 3
+    assert reps["ray"]["songs"]["failed"] == 1 and reps["ray"]["engine"] == "ray"
+    columns = ["song_id", "window", "start_code", "valid", "codes", "latents"]
+    tables = [library.read_library(tmp_path / e, columns=columns).sort_by([("song_id", "ascending"),
+                                                                          ("window", "ascending")])
+              for e in ("ray", "local")]
+    assert tables[0].num_rows == tables[1].num_rows >= 3 and tables[0].equals(tables[1])
+    (err,) = library.read_errors(tmp_path / "ray")
+    assert err["path"] == "broken.wav"
+    again = prepare.prepare_library([music], tmp_path / "ray", EncodingOptions(batch_size=2),
+                                    JobOptions(engine="ray", **common))
+    assert again["songs"]["done"] == 0 and again["songs"]["skipped"] == 4  # 3 prepared, 1 failed before

@@ -1,5 +1,6 @@
 """The prepare job: a music library -> the training windows of a decoder fine-tuning, on the encode job's
-machinery (listing, ``--shard``, worker reads, resume, error rows, fingerprint; :mod:`encode`, :mod:`engine`).
+machinery (listing, ``--shard``, worker reads, resume, error rows, fingerprint, the local and Ray engines;
+:mod:`encode`, :mod:`engines`).
 
 Each song is cut into the decoder's windows (:func:`decoding.decode_windows`: 1024 codes every 768, the
 song repeated past its end as decoding repeats its codes). A window's row holds its codes and the VAE
@@ -34,7 +35,8 @@ from ..training import Windows
 from ..workers import default_workers
 from . import parquet
 from .encode import EncodeJob, EncodeSink, Library, SongEncoder, fingerprint as encode_fingerprint
-from .engine import COMMIT_SECONDS, empty_report, plan_run, report, run_local
+from .engine import COMMIT_SECONDS, empty_report, plan_run, report
+from .engines import joined, run_on
 from .songs import in_shard, scan
 from .store import MACHINES, committed_files, machine
 
@@ -188,30 +190,29 @@ def prepare_library(inputs, out, options: EncodingOptions = EncodingOptions(),
 
     if latent_dtype not in LATENT_DTYPES:
         raise ArgumentError(f"latent dtype {latent_dtype!r} is not one of {', '.join(LATENT_DTYPES)}.")
-    if job.engine != "local":
-        raise ArgumentError("prepare runs on the local engine only; leave engine at local.")
     start = time.perf_counter()
     workers = default_workers() if job.workers is None else job.workers
     songs, _ = scan(inputs, out)
     lib = TrainingSet(out, job.shard, job.verify)
     job_songs = [s for s in songs if in_shard(s.song_id, job.shard)]
     if not job_songs:
-        return empty_report(lib, "prepare", "local", job.device, workers, start, {})
+        return empty_report(lib, "prepare", job.engine, job.device, workers, start, {})
     parquet.require_pyarrow()
     if job.ckpt is None:
         job = dataclasses.replace(job, ckpt=str(default_checkpoint()))
     ckpt_files = resolve_files(job.ckpt, ("audioldm", "muq", "mucodec"), job.revision)
-    fp = {**fingerprint(ckpt_files, options, job, latent_dtype), MACHINES: [machine(job.device)]}
+    job = joined(job, progress)
+    fp = {**fingerprint(ckpt_files, options, job, latent_dtype), MACHINES: [machine(job.device, job.engine)]}
     try:
         lib.prepare(job_songs, fp, job.overwrite, say)
         plan = plan_run(lib, job_songs, job.retry_errors)
         say(f"{len(job_songs)} songs in this job: {plan.skipped} already done, {plan.skipped_errors} failed "
             f"earlier, {len(plan.todo)} to prepare")
         run = PrepareJob(options, job, fp, commit_seconds, latent_dtype=latent_dtype)
-        stats = run_local(run, lib, plan.todo, workers=workers, progress=progress, log=say)
+        stats, devices = run_on(job.engine, run, lib, plan.todo, workers=workers, progress=progress, log=say)
         wall = time.perf_counter() - start
-        return report(lib, plan, stats, task="prepare", engine="local", device=torch.device(job.device).type,
-                      workers=workers, devices=1, wall=wall, fp=fp,
+        return report(lib, plan, stats, task="prepare", engine=job.engine, device=torch.device(job.device).type,
+                      workers=workers, devices=devices, wall=wall, fp=fp,
                       fields={"windows": stats.counters.get("training_windows", 0)})
     except StorageError as e:
         raise lib.storage_error(e, job_songs) from None
