@@ -44,22 +44,22 @@ INTERVAL_RULE = "must be two numbers (a, b) with 0 <= a <= b <= 1"
 Field = Callable[[torch.Tensor, torch.Tensor], tuple]
 
 
-def check_sampler(name) -> str:
-    """A sampler name, ``DEFAULT_SAMPLER`` for None; else ArgumentError."""
+def _one_of(field: str, name, choices, default) -> str:
     if name is None:
-        return DEFAULT_SAMPLER
-    if name not in SAMPLERS:
-        raise SettingError("sampler", f"must be one of {', '.join(SAMPLERS)}", name)
+        return default
+    if name not in choices:
+        raise SettingError(field, f"must be one of {', '.join(choices)}", name)
     return name
+
+
+def check_sampler(name) -> str:
+    """A sampler name, ``DEFAULT_SAMPLER`` for None; else SettingError."""
+    return _one_of("sampler", name, SAMPLERS, DEFAULT_SAMPLER)
 
 
 def check_schedule(name) -> str:
     """A schedule name, ``DEFAULT_SCHEDULE`` for None; else SettingError."""
-    if name is None:
-        return DEFAULT_SCHEDULE
-    if name not in SCHEDULES:
-        raise SettingError("schedule", f"must be one of {', '.join(SCHEDULES)}", name)
-    return name
+    return _one_of("schedule", name, SCHEDULES, DEFAULT_SCHEDULE)
 
 
 def check_guidance_interval(value) -> Optional[tuple]:
