@@ -44,11 +44,12 @@ def build(args) -> tuple[FlowDecoder, int]:
         flow.train()
     else:
         cfg = FlowDecoderConfig()
+        cfg.dit.num_layers = args.dit_blocks or cfg.dit.num_layers  # built at that depth: peak memory is the process's
         flow, frames = FlowDecoder(cfg).to(args.device), CodecConfig().window_latents
         with torch.no_grad():  # statistics as a checkpoint has them: a step's cost does not depend on them
             flow.normfeat.counts.fill_(1.0)
             flow.normfeat.sum_x2.fill_(1.0)
-    if args.dit_blocks:
+    if args.dit_blocks and args.ckpt:
         del flow.estimator.transformer_blocks[args.dit_blocks:]
     return flow, frames
 
