@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
@@ -32,8 +33,11 @@ def cheap_codec(ckpt: str) -> MuCodec:
 def test_ray_serve_answers_the_bytes_of_the_plain_server(tiny_ckpt_dir, codec):
     # the replica imports this worktree's package and these test modules (for cheap_codec)
     path = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    # the replica computes with as many threads as this process: the products' rounding depends on it, and
+    # the bytes are compared with this process's own decode
+    threads = str(torch.get_num_threads())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": threads}})
     config = ServeConfig(decoding=DecodingOptions(num_steps=1, batch_size=2))
     plain = Running(codec, batch_size=2)
     try:
