@@ -180,3 +180,46 @@ def test_a_run_saved_before_the_lora_settings_resumes(fresh_codec, tiny_ckpt_dir
     from mucodec.errors import ArgumentError
     with pytest.raises(ArgumentError, match="other settings"):
         Trainer(MuCodec.from_pretrained(tiny_ckpt_dir), windows(codec, 2), None, run, options(lora=2), files, **QUIET)
+
+
+@pytest.mark.slow
+def test_torchrun_with_lora_equals_one_process_with_the_whole_batch(tiny_ckpt_dir, tmp_path):
+    """The command line under ``torchrun --nproc-per-node 2`` (gloo on the CPU) with LoRA: each process takes half
+    of every batch and DDP averages the adapters' gradients, so the adapters equal those of one process that
+    takes the whole batch; the base weights of the exported checkpoint are untouched outside the adapted ones."""
+    pytest.importorskip("pyarrow")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mucodec import train
+    from test_training import write_music
+
+    root = Path(__file__).resolve().parent.parent
+    music = write_music(tmp_path / "music", [(f"s{k}.wav", 1.0 + k / 4) for k in range(4)])
+    prep = [music, "-o", tmp_path / "prep", "--ckpt", tiny_ckpt_dir, "--workers", 0, "--shard", "1/1", "-q"]
+    assert train.main([str(a) for a in prep]) == 0  # torchrun's processes train on a prepared folder only
+    data = tmp_path / "prep" / "data"
+    common = [data, "--ckpt", tiny_ckpt_dir, "--lora", 2, "--max-steps", 3, "--holdout", 0, "--ema-decay", 0,
+              "--lr", 1e-3, "--warmup-steps", 1, "--checkpoint-every", 3, "--max-prefix", 4, "--skip-visqol", "-q"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = launcher + ["--standalone", "--nproc-per-node", "2", "-m", "mucodec.train", "-o", str(tmp_path / "ddp"),
+                      "--batch-size", "1"] + [str(a) for a in common]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert train.main([str(a) for a in common] + ["-o", str(tmp_path / "one"), "--batch-size", "2"]) == 0
+
+    a, b = (train_state.load(tmp_path / r / "state/last.pt") for r in ("ddp", "one"))
+    assert a["step"] == b["step"] == 3 and a["position"] == b["position"] == 6
+    assert a["weights"].keys() == b["weights"].keys() and all(lora.is_adapter(n) for n in a["weights"])
+    for n in a["weights"]:
+        assert torch.allclose(a["weights"][n], b["weights"][n], rtol=0, atol=1e-6), n
+    assert any(n.endswith("lora_B") and a["weights"][n].abs().sum() > 0 for n in a["weights"])  # it trained
+    base = state_dict_of(read_checkpoint(resolve_files(tiny_ckpt_dir)["mucodec"], "mucodec"))
+    tuned = state_dict_of(read_checkpoint(tmp_path / "ddp/ckpt/mucodec.pt", "mucodec"))
+    changed = {k for k in base if not torch.equal(tuned[k], base[k])}
+    blocks = len(MuCodec.from_pretrained(tiny_ckpt_dir).flow.estimator.transformer_blocks)
+    assert len(changed) == len(lora.TARGETS) * blocks
