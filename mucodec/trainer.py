@@ -55,6 +55,7 @@ class TrainOptions:
     lora: int = 0                # rank of the LoRA adapters (0: full fine-tuning of the TRAINABLE parts)
     lora_alpha: float = 16.0     # the adapters' scale is lora_alpha / lora (peft's convention)
     skip_visqol: bool = False    # validation scores ViSQOL too when the eval extra is installed, unless set
+    stream_shards: int = 0       # 0: every window in memory; N: read N shards at a time (library.windows)
 
     def __post_init__(self):
         counts = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "validate_every", "val_windows",
@@ -69,6 +70,8 @@ class TrainOptions:
             raise ArgumentError("min_lr_ratio must lie in [0, 1] and ema_decay in [0, 1).")
         if isinstance(self.lora, bool) or not isinstance(self.lora, int) or self.lora < 0:
             raise ArgumentError(f"lora (the adapters' rank) must be a whole number >= 0, got {self.lora!r}.")
+        if isinstance(self.stream_shards, bool) or not isinstance(self.stream_shards, int) or self.stream_shards < 0:
+            raise ArgumentError(f"stream_shards must be a whole number >= 0, got {self.stream_shards!r}.")
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             raise ArgumentError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_norm < 0:
@@ -115,7 +118,8 @@ def _distributed() -> tuple[int, int]:
 
 
 class Trainer:
-    """One run: ``codec`` (a float32 :class:`MuCodec` with its decoder) is trained in place on ``train``;
+    """One run: ``codec`` (a float32 :class:`MuCodec` with its decoder) is trained in place on ``train`` (windows
+    in memory or a :class:`library.windows.ShardStream`);
     ``val`` (or None) is decoded every ``validate_every`` steps. Resumes from ``run``/state/last.pt."""
 
     def __init__(self, codec, train: Windows, val: Windows | None, run, opts: TrainOptions, base_files: dict,
@@ -340,15 +344,19 @@ def fit_folder(data, run, *, ckpt=None, revision=None, device="cpu", opts: Train
     (resuming it); returns the model card. The settings are printed and saved as ``run``/config.json."""
     from .checkpoint import default_checkpoint, resolve_files
     from .codec import MuCodec
-    from .library.prepare import HOLDOUT, load_windows
+    from .library.prepare import HOLDOUT
+    from .library.windows import ShardStream, held_out_windows, load_windows
 
     ckpt = ckpt if ckpt is not None else default_checkpoint()
     base_files = resolve_files(ckpt, ("audioldm", "muq", "mucodec"), revision)
     if Path(run).resolve() in {Path(p).resolve().parent.parent for p in base_files.values()}:
         raise ArgumentError(f"The run folder {run} is the starting checkpoint's folder; write the run elsewhere.")
     holdout = HOLDOUT if holdout is None else holdout
-    train, val = load_windows(data, holdout)
-    if train is None:
+    if opts.stream_shards:
+        train, val = ShardStream(data, holdout, opts.stream_shards), held_out_windows(data, holdout, opts.val_windows)
+    else:
+        train, val = load_windows(data, holdout)
+    if train is None or len(train) == 0:
         raise ArgumentError(f"Every song of {data} is held out; lower the held-out fraction.")
     config = {"data": str(data), "ckpt": str(ckpt), "device": str(device), "holdout": holdout,
               "training_windows": len(train), "validation_windows": 0 if val is None else len(val),

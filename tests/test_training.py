@@ -262,7 +262,8 @@ def write_music(folder, specs):
 def test_prepare_then_fit_from_the_command_line(tmp_path, tiny_ckpt_dir):
     pytest.importorskip("pyarrow")
     from mucodec import library, train
-    from mucodec.library.prepare import load_windows, window_latents
+    from mucodec.library.prepare import window_latents
+    from mucodec.library.windows import load_windows
 
     music = write_music(tmp_path / "music", [("a.wav", 3.0), ("b.wav", 1.5)])
     (music / "bad.wav").write_bytes(b"not audio")

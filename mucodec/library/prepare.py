@@ -31,14 +31,13 @@ import torch
 from .. import audio, decoding, files
 from ..errors import ArgumentError, StorageError
 from ..settings import EncodingOptions, JobOptions
-from ..training import Windows
 from ..workers import default_workers
 from . import parquet
 from .encode import EncodeJob, EncodeSink, Library, SongEncoder, fingerprint as encode_fingerprint
 from .engine import COMMIT_SECONDS, empty_report, plan_run, report
 from .engines import joined, run_on
 from .songs import in_shard, scan
-from .store import MACHINES, committed_files, machine
+from .store import MACHINES, machine
 
 PREPARE_VERSION = 1
 LATENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -216,30 +215,3 @@ def prepare_library(inputs, out, options: EncodingOptions = EncodingOptions(),
                       fields={"windows": stats.counters.get("training_windows", 0)})
     except StorageError as e:
         raise lib.storage_error(e, job_songs) from None
-
-
-def load_windows(out, holdout: float = HOLDOUT, latent_dtype: torch.dtype | None = None):
-    """(training windows, held-out windows or None) of a prepared folder, as :class:`trainer.Windows` in memory;
-    a song is held out by :func:`is_holdout` of its id. Latents stay in their 16-bit dtype unless asked."""
-    shards = committed_files(Path(out) / "shards", ".parquet")
-    if not shards:
-        raise ArgumentError(f"{out} holds no prepared windows; prepare a music folder into it first.")
-    table = parquet.read_library(out, columns=["song_id", "valid", "codes", "latents"])
-    meta = parquet._pq().read_schema(shards[0]).metadata
-    shape = json.loads(meta[b"mucodec.latent_shape"])
-    dtype = LATENT_DTYPES[json.loads(meta[b"mucodec.fingerprint"])["latent_dtype"]]
-    held = [is_holdout(s, holdout) for s in table.column("song_id").to_pylist()]
-    codes = np.stack(table.column("codes").to_numpy(zero_copy_only=False)).astype(np.int64)
-    valid = np.asarray(table.column("valid").to_pylist(), dtype=np.int64)
-    lat = [torch.frombuffer(bytearray(b), dtype=torch.int16).view(dtype).reshape(shape)
-           for b in table.column("latents").to_pylist()]
-
-    def take(keep: bool):
-        idx = [i for i, h in enumerate(held) if h == keep]
-        if not idx:
-            return None
-        x = torch.stack([lat[i] for i in idx])
-        return Windows(torch.from_numpy(codes[idx])[:, None], x if latent_dtype is None else x.to(latent_dtype),
-                       torch.from_numpy(valid[idx]))
-
-    return take(False), take(True)
