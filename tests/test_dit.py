@@ -209,9 +209,10 @@ def test_bfloat16_autocast_stays_close_to_the_reference(dit_full, gold):
     """The reduced-precision path (CPU/GPU autocast around the DiT; sinusoids, norms and softmax statistics
     stay float32 inside; on the CPU the attention runs as chunked bf16 products): measured 0.64 % relative L2
     error on the golden forward, with torch's fused attention kernel and with the chunked one alike, bounded
-    here at 1.5 %."""
-    x, t = torch.from_numpy(gold["x"]), torch.from_numpy(gold["timestep"])
-    ref = torch.from_numpy(gold["output"]).double()
+    here at 1.5 %. The first item of the golden batch alone (0.64 %; the second 0.65 %): the products run item
+    by item, so one item tests the same arithmetic at half the time on a CPU that emulates bf16."""
+    x, t = torch.from_numpy(gold["x"][:1]), torch.from_numpy(gold["timestep"][:1])
+    ref = torch.from_numpy(gold["output"][:1]).double()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = dit_full(x, t)
     rel = float((out.double() - ref).norm() / ref.norm())  # (the sampler adds it to its float32 state)
