@@ -56,9 +56,9 @@ def test_the_cpu_run_writes_every_step(tiny_run):
     assert tests["tests"] == tests[ran] > 0 and tests["failed_tests"] == []
 
     bf16, fp16 = read(tiny_run, "bench-bfloat16.json"), read(tiny_run, "bench-float16.json")
-    assert bf16["dtype"] == "bfloat16" and set(bf16["stages"]) == {"gemm", "gemm_float32", "dit_step"}
+    assert bf16["dtype"] == "bfloat16" and set(bf16["stages"]) == {"gemm", "gemm_float32", "dit_step", "dit_row"}
     assert fp16["dtype"] == "float16" and set(fp16["stages"]) == {
-        "gemm", "gemm_float32", "load", "sound2code", "dit_step", "vae", "vocoder", "song", "decode_b1"}
+        "gemm", "gemm_float32", "load", "sound2code", "dit_step", "dit_row", "vae", "vocoder", "song", "decode_b1"}
     halves = [read(tiny_run, f"bench-audioldm-{d}.json") for d in ("bfloat16", "float16")]
     for report, dtype in zip(halves, ("bfloat16", "float16")):
         assert report["audioldm_dtype"] == dtype and set(report["stages"]) == {"vae", "vocoder"}
@@ -69,6 +69,8 @@ def test_the_cpu_run_writes_every_step(tiny_run):
         for stage, r in report["stages"].items():
             assert math.isfinite(r["seconds"]) and r["seconds"] > 0, stage
     assert fp16["stages"]["dit_step"]["gflop"] > 0
+    # half the rows, half the products (the report rounds GFLOP to 0.1)
+    assert abs(fp16["stages"]["dit_row"]["gflop"] - fp16["stages"]["dit_step"]["gflop"] / 2) <= 0.08
     assert fp16["stages"]["song"]["real_time_factor"] > 0
     decode = fp16["stages"]["decode_b1"]
     assert decode["songs"] == 1 and decode["windows"] == 1 and decode["hours_per_hour"] > 0

@@ -13,6 +13,7 @@ Stages (``--stages``, comma-separated; default all but ``song`` and ``decode``):
     load        MuCodec.from_pretrained
     sound2code  a 40.96 s stereo clip (--clip-seconds; the official encoder schedule)
     dit_step    one classifier-free-guidance DiT forward over a full window (batch 2 x 96 x 512 x 32)
+    dit_row     one unguided DiT forward over a full window (batch 1: --guidance 1, or outside the interval)
     vae         VAE decode of one window's latents (2, 16, 512, 32) -> mel (2, 1, 4096, 256)
     vocoder     the vocoder of one window (4096 mel frames, 2 channels; --vocoder-frames), shared overlaps
     vocoder_official  the same with the official overlapping chunks
@@ -49,7 +50,7 @@ from mucodec import files, kernels  # noqa: E402
 from mucodec.codec import DTYPES, MuCodec, pick_device  # noqa: E402
 from mucodec.settings import CODE2SOUND_STEPS, DecodingOptions, JobOptions  # noqa: E402
 
-ALL_STAGES = ("gemm", "load", "sound2code", "dit_step", "vae", "vocoder", "vocoder_official", "window")
+ALL_STAGES = ("gemm", "load", "sound2code", "dit_step", "dit_row", "vae", "vocoder", "vocoder_official", "window")
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -278,17 +279,19 @@ def main(argv=None) -> dict:
 
     c = codec.config
     lat = (1, codec.flow.cfg.latent_channels, c.window_latents, codec.flow.cfg.freq_bins)
-    if "dit_step" in stages:
+    for name, rows in (("dit_step", 2), ("dit_row", 1)):
+        if name not in stages:
+            continue
         g = torch.Generator().manual_seed(0)
-        x = torch.randn((2, 3 * lat[1]) + lat[2:], generator=g).to(device)
-        t = torch.full((2,), 0.5, device=device)
+        x = torch.randn((rows, 3 * lat[1]) + lat[2:], generator=g).to(device)
+        t = torch.full((rows,), 0.5, device=device)
 
-        def step():
+        def step(x=x, t=t):
             with torch.inference_mode(), codec._autocast():
                 return codec.flow.estimator(x, t)
 
         flops = flops_of(step)  # a full forward: also the warm-up
-        say("dit_step", with_rate(timed(step, device, args.repeat)[0], flops))
+        say(name, with_rate(timed(step, device, args.repeat)[0], flops))
 
     if "vae" in stages:
         z = torch.randn(2, lat[1] // 2, lat[2], lat[3], generator=torch.Generator().manual_seed(1)).to(device)

@@ -14,11 +14,11 @@ soundfile pytest starlette uvicorn prometheus_client httpx -d wheels/'). Every s
 limit still returns what it measured:
 
     tests.json, tests.xml   pytest tests/test_gpu.py: counts and the names of failures
-    bench-bfloat16.json     tools/bench.py: gemm and dit_step with the DiT in bfloat16
+    bench-bfloat16.json     tools/bench.py: gemm, dit_step and dit_row with the DiT in bfloat16
     bench-audioldm-bfloat16.json, bench-audioldm-float16.json
                             vae and vocoder with --audioldm-dtype bfloat16 and float16
     bench-float16.json      tools/bench.py with the DiT in float16 (the CUDA default): gemm, load, sound2code,
-                            dit_step, vae, vocoder; song (a 3-minute song at 20 steps: real-time factor,
+                            dit_step, dit_row, vae, vocoder; song (a 3-minute song at 20 steps: real-time factor,
                             peak CUDA memory); decode_b1, decode_b8 (the decode job, 8 one-minute songs)
     train-*.log             tools/train_step.py: one fine-tuning step of the whole decoder at batch 1 (bf16,
                             bf16 with rank-16 LoRA, float32 with activation checkpointing); its JSON (step
@@ -58,12 +58,13 @@ NEEDED = {"numpy": "numpy", "torchaudio": "torchaudio", "soundfile": "soundfile"
 # would cost another start and load. The short bfloat16 one goes first, so that a run cut short at its
 # time limit loses only the end of the decode stage, which comes last.
 BENCH = {
-    "bfloat16": ["--dtype", "bfloat16", "--stages", "gemm,dit_step"],
+    # dit_row: the unguided pass (half the batch), which --guidance 1 and the guidance interval use
+    "bfloat16": ["--dtype", "bfloat16", "--stages", "gemm,dit_step,dit_row"],
     # the VAE and vocoder in half precision (--audioldm-dtype), never yet timed on a GPU
     "audioldm-bfloat16": ["--dtype", "bfloat16", "--audioldm-dtype", "bfloat16", "--stages", "vae,vocoder"],
     "audioldm-float16": ["--dtype", "float16", "--audioldm-dtype", "float16", "--stages", "vae,vocoder"],
     # one-minute songs (2 windows each) keep the decode stage near a minute while still filling a batch of 8
-    "float16": ["--dtype", "float16", "--stages", "gemm,load,sound2code,dit_step,vae,vocoder,song,decode",
+    "float16": ["--dtype", "float16", "--stages", "gemm,load,sound2code,dit_step,dit_row,vae,vocoder,song,decode",
                 "--song-seconds", "180", "--steps", "20",
                 "--decode-batches", "1,8", "--decode-songs", "8", "--decode-seconds", "60"],
 }
