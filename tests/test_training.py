@@ -39,6 +39,23 @@ def options(**kw) -> TrainOptions:
     return TrainOptions(**{**base, **kw})
 
 
+def fit_killed_after_first_checkpoint(monkeypatch, fit) -> None:
+    """Run ``fit()`` as a process that dies right after writing its first state/last.pt (a KeyboardInterrupt
+    raised there); ``train_state.save`` is itself again afterwards."""
+    from mucodec import train_state
+
+    real_save = train_state.save
+
+    def killed(path, obj):
+        real_save(path, obj)
+        if path.name == train_state.LAST:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_state, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    monkeypatch.setattr(train_state, "save", real_save)
+
+
 # ---- the objective ------------------------------------------------------------------------------------
 def test_loss_equals_the_formula_computed_by_hand(fresh_codec):
     """cfm_loss against the formula written out item by item, frame by frame, from the module's weights."""
@@ -175,17 +192,9 @@ def test_resume_gives_the_same_weights_bit_for_bit(tiny_ckpt_dir, tmp_path, monk
     codec = MuCodec.from_pretrained(tiny_ckpt_dir)
     Trainer(codec, windows(codec, 3), None, tmp_path / "a", opts, files, log=lambda m: None).fit()
 
-    real_save = train_state.save
-
-    def killed_after_first_checkpoint(path, obj):
-        real_save(path, obj)
-        if path.name == train_state.LAST:
-            raise KeyboardInterrupt  # the process dies right after step 2's checkpoint
-    monkeypatch.setattr(train_state, "save", killed_after_first_checkpoint)
-    codec = MuCodec.from_pretrained(tiny_ckpt_dir)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(codec, windows(codec, 3), None, tmp_path / "b", opts, files, log=lambda m: None).fit()
-    monkeypatch.setattr(train_state, "save", real_save)
+    codec = MuCodec.from_pretrained(tiny_ckpt_dir)  # the process dies right after step 2's checkpoint
+    fit_killed_after_first_checkpoint(monkeypatch, Trainer(codec, windows(codec, 3), None, tmp_path / "b", opts,
+                                                           files, log=lambda m: None).fit)
     assert train_state.load(tmp_path / "b/state/last.pt")["step"] == 2
     codec = MuCodec.from_pretrained(tiny_ckpt_dir)
     Trainer(codec, windows(codec, 3), None, tmp_path / "b", opts, files, log=lambda m: None).fit()

@@ -11,7 +11,7 @@ from mucodec.codec import MuCodec
 from mucodec.settings import DecodingOptions
 from mucodec.trainer import Trainer
 from mucodec.training import Objective, cfm_loss, draw
-from test_training import options, windows
+from test_training import fit_killed_after_first_checkpoint, options, windows
 
 QUIET = dict(log=lambda m: None)
 
@@ -55,17 +55,9 @@ def test_lora_resume_gives_the_same_adapters_bit_for_bit(tiny_ckpt_dir, tmp_path
     opts = options(lora=3, max_steps=4)
     codec = MuCodec.from_pretrained(tiny_ckpt_dir)
     Trainer(codec, windows(codec, 3), None, tmp_path / "a", opts, files, **QUIET).fit()
-    real_save = train_state.save
-
-    def killed_after_first_checkpoint(path, obj):
-        real_save(path, obj)
-        if path.name == train_state.LAST:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train_state, "save", killed_after_first_checkpoint)
     codec = MuCodec.from_pretrained(tiny_ckpt_dir)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(codec, windows(codec, 3), None, tmp_path / "b", opts, files, **QUIET).fit()
-    monkeypatch.setattr(train_state, "save", real_save)
+    fit_killed_after_first_checkpoint(monkeypatch, Trainer(codec, windows(codec, 3), None, tmp_path / "b", opts,
+                                                           files, **QUIET).fit)
     stopped = train_state.load(tmp_path / "b/state/last.pt")
     assert stopped["step"] == 2 and all(lora.is_adapter(n) for n in stopped["weights"])  # adapters only
     codec = MuCodec.from_pretrained(tiny_ckpt_dir)

@@ -11,7 +11,7 @@ from mucodec.codec import MuCodec
 from mucodec.errors import ArgumentError
 from mucodec.library.windows import ShardStream, held_out_windows, load_windows
 from mucodec.trainer import Trainer
-from test_training import options, write_music
+from test_training import fit_killed_after_first_checkpoint, options, write_music
 
 SONGS = 6
 
@@ -90,16 +90,8 @@ def test_a_streamed_run_resumes_bit_for_bit(prepared, tiny_ckpt_dir, tmp_path, m
     opts = options(max_steps=4, batch_size=2, stream_shards=2, checkpoint_every=2, validate_every=2)
     data = lambda: (ShardStream(prepared, 0.5, 2), held_out_windows(prepared, 0.5, opts.val_windows))  # noqa: E731
     Trainer(MuCodec.from_pretrained(tiny_ckpt_dir), *data(), tmp_path / "a", opts, files, log=lambda m: None).fit()
-    real_save = train_state.save
-
-    def killed_after_first_checkpoint(path, obj):
-        real_save(path, obj)
-        if path.name == train_state.LAST:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train_state, "save", killed_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(MuCodec.from_pretrained(tiny_ckpt_dir), *data(), tmp_path / "b", opts, files, log=lambda m: None).fit()
-    monkeypatch.setattr(train_state, "save", real_save)
+    fit_killed_after_first_checkpoint(monkeypatch, Trainer(MuCodec.from_pretrained(tiny_ckpt_dir), *data(),
+                                                           tmp_path / "b", opts, files, log=lambda m: None).fit)
     assert train_state.load(tmp_path / "b/state/last.pt")["step"] == 2
     Trainer(MuCodec.from_pretrained(tiny_ckpt_dir), *data(), tmp_path / "b", opts, files, log=lambda m: None).fit()
     a, b = (train_state.load(tmp_path / r / "state/last.pt") for r in "ab")
