@@ -75,9 +75,10 @@ TOOLS = {
     "train-bfloat16": ("train_step.py", ["--bf16"], []),
     "train-lora16-bfloat16": ("train_step.py", ["--bf16", "--lora", "16"], []),
     "train-float32-checkpointed": ("train_step.py", ["--checkpoint-blocks"], []),
-    # the error of every sampler against a fine solution of one full-size window (docs/sampling.md)
+    # the error of every sampler against a fine solution of one full-size window (docs/sampling.md); --tiny
+    # cuts the window to 64 frames, as the tiny vocoder over 14 whole windows was half the tiny run
     "sampler-error": ("sampler_error.py", ["--smooth-time", "8", "--audio"],
-                      ["--evals", "2,4", "--reference", "heun:4", "--threads", "1"]),
+                      ["--evals", "2,4", "--reference", "heun:4", "--frames", "64", "--threads", "1"]),
     # the server under 8 concurrent clients, songs of 1 to 4 minutes, each response checked against its solo
     # decode (docs/serving.md); --tiny: two short songs, one step
     "serve-load": ("serve_load.py", ["--steps", "20", "--batch", "8", "--clients", "8", "--check",
