@@ -199,7 +199,7 @@ def audio_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2, 
         with _writing(path, raw):
             f = soundfile.SoundFile(raw, "w", sample_rate, channels, subtype=subtype, format=container)
             if subtype == "FLOAT":
-                _no_peak_chunk(f)
+                drop_peak_chunk(f)
         try:
             yield write
         except BaseException:
@@ -213,7 +213,7 @@ def audio_writer(path, sample_rate: int = CODEC_SAMPLE_RATE, channels: int = 2, 
 _SFC_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's command number (sndfile.h)
 
 
-def _no_peak_chunk(f) -> None:
+def drop_peak_chunk(f) -> None:
     """Leave out libsndfile's PEAK chunk of float WAVs: it holds the time of writing, so the same audio written
     twice would differ in its bytes (and in its checksum, which a resumed job compares)."""
     with contextlib.suppress(AttributeError):  # a soundfile without its libsndfile handle: the chunk stays

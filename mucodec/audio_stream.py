@@ -107,7 +107,7 @@ class AudioStream:
         self.tail, self.headed = _Tail(), False
         self.file = soundfile.SoundFile(self.tail, "w", sample_rate, channels, subtype=subtype, format=container)
         if subtype == "FLOAT":
-            audio._no_peak_chunk(self.file)  # as audio_writer: the same samples make the same bytes
+            audio.drop_peak_chunk(self.file)  # as audio_writer: the same samples make the same bytes
 
     def start(self) -> tuple[bytes, int | None]:
         """(the header, the size of the whole stream where it is known before it ends: float WAV's)."""

@@ -15,7 +15,8 @@ from ..errors import ArgumentError, OutputError
 from .store import committed_files
 
 
-def _pa():
+def arrow():
+    """pyarrow, or one sentence naming its install command."""
     try:
         import pyarrow
     except ImportError:
@@ -24,19 +25,20 @@ def _pa():
     return pyarrow
 
 
-def _pq():
-    _pa()
+def arrow_parquet():
+    """pyarrow.parquet, or the same sentence as :func:`arrow`."""
+    arrow()
     import pyarrow.parquet
     return pyarrow.parquet
 
 
 def require_pyarrow() -> None:
     """A missing pyarrow as one sentence now, rather than a traceback after the first shard."""
-    _pa()
+    arrow()
 
 
 def _schema(fp: dict | None):
-    pa = _pa()
+    pa = arrow()
     return pa.schema([("song_id", pa.string()), ("path", pa.string()), ("duration", pa.float64()),
                       ("sample_rate", pa.int32()), ("channels", pa.int32()), ("num_samples", pa.int64()),
                       ("num_codes", pa.int32()), ("codes", pa.list_(pa.uint16()))],
@@ -46,7 +48,7 @@ def _schema(fp: dict | None):
 def write_shard(path: Path, rows: list[dict], fp: dict | None = None, before_commit=None) -> None:
     """Write ``rows`` (dicts holding at least the schema's columns) as one parquet file, by atomic rename once
     its footer reads back with every row (``before_commit``: see :func:`files.open_atomic`)."""
-    pa = _pa()
+    pa = arrow()
     schema = _schema(fp)
     lengths = np.array([len(r["codes"]) for r in rows], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -58,7 +60,7 @@ def write_shard(path: Path, rows: list[dict], fp: dict | None = None, before_com
 
 def write_table(path: Path, table, before_commit=None) -> None:
     """Write a pyarrow table as one parquet file, by atomic rename once its footer reads back with every row."""
-    pq = _pq()
+    pq = arrow_parquet()
 
     def check(tmp: Path) -> None:
         try:
@@ -75,16 +77,16 @@ def write_table(path: Path, table, before_commit=None) -> None:
 
 def shard_song_ids(path: Path) -> list[str]:
     """The song ids of one shard."""
-    return _pq().read_table(path, columns=["song_id"]).column("song_id").to_pylist()
+    return arrow_parquet().read_table(path, columns=["song_id"]).column("song_id").to_pylist()
 
 
 def shard_rows(path: Path) -> int:
-    return _pq().read_metadata(path).num_rows
+    return arrow_parquet().read_metadata(path).num_rows
 
 
 def read_library(out, columns=None):
     """All committed songs of ``out`` as one pyarrow Table sorted by path (``columns``: a subset)."""
-    pa, pq = _pa(), _pq()
+    pa, pq = arrow(), arrow_parquet()
     shards = committed_files(Path(out) / "shards", ".parquet")
     if not shards:
         return _schema(None).empty_table() if columns is None else _schema(None).empty_table().select(columns)

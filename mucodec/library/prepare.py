@@ -150,7 +150,7 @@ class TrainingSet(Library):
 
 
 def window_table(songs: list[dict], fp: dict | None):
-    pa = parquet._pa()
+    pa = parquet.arrow()
     rows = [{**w, "song_id": s["song_id"], "path": s["path"], "duration": s["duration"]}
             for s in songs for w in s["windows"]]
     meta = {b"mucodec.fingerprint": _json(fp), b"mucodec.latent_shape": _json(rows[0]["shape"] if rows else [])}

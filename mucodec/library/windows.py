@@ -31,7 +31,7 @@ def _shards(out) -> list[Path]:
 
 def _latent_format(shard: Path) -> tuple[list[int], torch.dtype]:
     """(C, F, W) and the 16-bit dtype the latents of ``shard`` are stored in."""
-    meta = parquet._pq().read_schema(shard).metadata
+    meta = parquet.arrow_parquet().read_schema(shard).metadata
     return json.loads(meta[b"mucodec.latent_shape"]), LATENT_DTYPES[
         json.loads(meta[b"mucodec.fingerprint"])["latent_dtype"]]
 
@@ -48,7 +48,7 @@ def _windows(table, shape, dtype, latent_dtype=None) -> Windows:
 
 def _held(shard: Path, holdout: float) -> np.ndarray:
     """Per row of ``shard``, whether its song is held out (only the song ids are read)."""
-    ids = parquet._pq().read_table(shard, columns=["song_id"]).column("song_id").to_pylist()
+    ids = parquet.shard_song_ids(shard)
     return np.array([is_holdout(s, holdout) for s in ids], dtype=bool)
 
 
@@ -56,7 +56,7 @@ def load_windows(out, holdout: float = HOLDOUT, latent_dtype: torch.dtype | None
     """(training windows, held-out windows or None) of a prepared folder, every one in memory (about 1 MiB
     each at the released sizes, 120 MB per hour of audio); ``latent_dtype``: convert the stored latents."""
     shards = _shards(out)
-    pa, pq = parquet._pa(), parquet._pq()
+    pa, pq = parquet.arrow(), parquet.arrow_parquet()
     shape, dtype = _latent_format(shards[0])
     table = pa.concat_tables([pq.read_table(f, columns=["song_id"] + COLUMNS) for f in shards])
     held = np.array([is_holdout(s, holdout) for s in table.column("song_id").to_pylist()], dtype=bool)
@@ -89,7 +89,7 @@ class ShardStream:
         self.rows = [r for r in rows if r.size]
         self.buffer = buffer
         self.loads = 0  # groups read so far (the tests count them)
-        self._plans: dict = {}
+        self._plan_kept: tuple = (None, None)  # (key, value): the last epoch plan and group read stay
         self._group: tuple = (None, None)
 
     def __len__(self) -> int:
@@ -98,20 +98,20 @@ class ShardStream:
     def _plan(self, epoch: int, seed: int) -> tuple[list[list[int]], list[int], list[torch.Tensor]]:
         """(groups of shard indices, each group's first position in the epoch, each group's window order)."""
         key = (epoch, seed)
-        if key not in self._plans:
+        if self._plan_kept[0] != key:
             g = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch)
             perm = torch.randperm(len(self.shards), generator=g).tolist()
             groups = [perm[i:i + self.buffer] for i in range(0, len(perm), self.buffer)]
             sizes = [sum(self.rows[s].size for s in group) for group in groups]
             orders = [torch.randperm(n, generator=g) for n in sizes]
-            self._plans = {key: (groups, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist(), orders)}
-        return self._plans[key]
+            self._plan_kept = (key, (groups, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist(), orders))
+        return self._plan_kept[1]
 
     def _load(self, epoch: int, seed: int, k: int) -> Windows:
-        """Group ``k`` of the epoch's plan, its windows in the shuffled order (the last group read stays)."""
+        """Group ``k`` of the epoch's plan, its windows in the shuffled order."""
         key = (epoch, seed, k)
         if self._group[0] != key:
-            pa, pq = parquet._pa(), parquet._pq()
+            pa, pq = parquet.arrow(), parquet.arrow_parquet()
             groups, _, orders = self._plan(epoch, seed)
             self._group = (None, None)  # the previous group is let go before the next one is read
             table = pa.concat_tables([pq.read_table(self.shards[s], columns=COLUMNS).take(self.rows[s])
@@ -136,7 +136,7 @@ class ShardStream:
 def held_out_windows(out, holdout: float = HOLDOUT, limit: int | None = None) -> Windows | None:
     """The first ``limit`` held-out windows of a prepared folder (all with None), in memory, reading only the
     shards that hold them: the validation set of a streamed run."""
-    pa, pq = parquet._pa(), parquet._pq()
+    pa, pq = parquet.arrow(), parquet.arrow_parquet()
     shards = _shards(out)
     shape, dtype = _latent_format(shards[0])
     parts, left = [], limit
