@@ -170,9 +170,9 @@ class Run:
         self.say(f"{name}: {entry['status']} in {entry['seconds']} s")
 
     def write(self, name: str, obj):
-        tmp = self.out / (name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, self.out / name)
+        from mucodec.files import write_atomic  # checked and fsynced, as every file the project writes
+
+        write_atomic(self.out / name, (json.dumps(obj, indent=2) + "\n").encode())
 
     def stream(self, name: str, cmd: list) -> dict:
         """Run ``cmd`` with its output shown live and kept in <name>.log; the step's entry for the summary."""
