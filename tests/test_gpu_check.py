@@ -41,6 +41,7 @@ def read(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
 
 
+@pytest.mark.slow  # the tiny run is about 150 s
 def test_the_cpu_run_writes_every_step(tiny_run):
     summary = read(tiny_run, "summary.json")
     assert summary["status"] == "ok" and list(summary["steps"]) == [
@@ -104,3 +105,21 @@ def test_a_missing_package_is_one_sentence(tmp_path, wheels):
                                   hide=["soundfile"]))
     assert "soundfile" in line and ("--wheels" in line if not wheels else str(tmp_path) in line)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_write_into_out_is_one_sentence(tmp_path):
+    """A full disk under --out stops the run with the writer's own sentence, not a traceback."""
+    code = ("import runpy, sys\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "from mucodec import files\n"
+            "from mucodec.errors import StorageError\n"
+            "def full(path, data, **kw):\n"
+            "    raise StorageError(f'Cannot write {path}: no space left on device; free space and run again.')\n"
+            "files.write_atomic = full\n"
+            f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--tiny', '--out', {str(tmp_path / 'out')!r}]\n"
+            f"sys.exit(runpy.run_path({str(SCRIPT)!r}, run_name='__main__'))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"gpu_check: Cannot write {tmp_path / 'out' / 'tests.json'}: no space left on device; free space and run again."]
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -307,6 +307,9 @@ def main(argv=None) -> int:
                 run_bench(run, name, ckpt, args.device, args.tiny)
             for name in TOOLS if ckpt else ():
                 run_tool(run, name, ckpt, args.device, args.tiny)
+    except MuCodecError as e:  # --out's disk full or failing: the files already written stay whole
+        print(f"gpu_check: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         run.summary["status"] = "interrupted"
         run.write("summary.json", run.summary)
